@@ -1,0 +1,261 @@
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch_geometric.data import Batch, Data
+from torch_geometric.utils import scatter
+
+from orgnn.nn import _checks
+from orgnn.nn.dense_orgnn_conv import DenseORGNNConv
+from orgnn.nn.functional import (
+    dense_orgnn_aggregate,
+    sparse_affinity,
+    sparse_confidence,
+    sparse_normalise,
+)
+
+INITS = ("identity", "glorot")
+TARGET_INITS = ("mean", "self")
+
+
+class PartwiseORGNNConv(torch.nn.Module):
+    r"""``M`` independent :class:`DenseORGNNConv` layers (one per part) run in one call.
+
+    The weights of all parts are stacked (``weight`` :math:`(M, F_{out}, F_{in})`,
+    ``att_weight`` :math:`(M, F_{in})`, ...), so the per-part transforms are one grouped
+    matrix product instead of a Python loop over parts. :meth:`part` returns part ``k`` as an
+    ordinary :class:`DenseORGNNConv`.
+
+    Args:
+        num_parts (int): Number of parts :math:`M`.
+        in_channels (int): Input size per part.
+        out_channels (int): Output size per part.
+        outlier_aware (bool, optional): Use Eq. 4's confidence. (default: :obj:`True`)
+        init (str, optional): ``"identity"`` (:math:`\mathbf{W} = I`, :math:`V = 0`,
+            :math:`b = 0`: the untrained layer is the confidence-weighted mean) or
+            ``"glorot"`` (PyG's default). (default: :obj:`"identity"`)
+
+    Shapes:
+        - **dense input:** :math:`(M, B, N, F_{in})`, valid :math:`(M \text{ or } 1, B, N)`
+        - **sparse input:** :math:`(|\mathcal{V}|, M, F_{in})`, edge indices
+          :math:`(2, |\mathcal{E}|)`
+    """
+
+    def __init__(self, num_parts: int, in_channels: int, out_channels: int,
+                 outlier_aware: bool = True, init: str = "identity") -> None:
+        super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if init == "identity" and in_channels != out_channels:
+            raise ValueError("init='identity' needs in_channels == out_channels, got "
+                             f"{in_channels} and {out_channels}")
+        self.num_parts, self.in_channels, self.out_channels = num_parts, in_channels, out_channels
+        self.outlier_aware = outlier_aware
+        self.init = init
+        self.weight = torch.nn.Parameter(torch.empty(num_parts, out_channels, in_channels))
+        self.bias = torch.nn.Parameter(torch.empty(num_parts, out_channels))
+        self.att_weight = torch.nn.Parameter(torch.empty(num_parts, in_channels))
+        self.att_bias = torch.nn.Parameter(torch.empty(num_parts))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.bias.zero_()
+        self.att_bias.zero_()
+        if self.init == "identity":
+            self.weight.copy_(torch.eye(self.out_channels, self.in_channels)
+                              .expand_as(self.weight))
+            self.att_weight.zero_()
+        else:
+            bound = math.sqrt(6.0 / (self.in_channels + self.out_channels))
+            self.weight.uniform_(-bound, bound)
+            att_bound = math.sqrt(6.0 / (self.in_channels + 1))
+            self.att_weight.uniform_(-att_bound, att_bound)
+
+    def _transform(self, h: Tensor) -> Tensor:
+        """``ReLU(W_k h + bias_k)`` for ``h`` of shape ``(M, ..., F_in)``."""
+        lead = h.shape[1:-1]
+        flat = h.reshape(self.num_parts, -1, self.in_channels)
+        out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
+        return F.relu(out).view(self.num_parts, *lead, self.out_channels)
+
+    def dense(self, x: Tensor, valid: Tensor, rows: int | None = None) -> Tensor:
+        """Dense forward on ``(M, B, N, F)``; returns ``(M, B, R, F_out)`` (``R = rows``)."""
+        m = self.num_parts
+        h, _ = dense_orgnn_aggregate(
+            x, valid, self.att_weight.view(m, 1, 1, -1), self.att_bias.view(m, 1, 1, 1),
+            outlier_aware=self.outlier_aware, rows=rows)
+        r = h.size(-2)
+        return self._transform(h) * valid[..., :r].unsqueeze(-1).to(x.dtype)
+
+    def sparse(self, x: Tensor, edge_index: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Sparse forward on ``(|V|, M, F)``; returns ``(|V|, M, F_out)`` (or the ``rows``)."""
+        src, dst = edge_index
+        num_nodes = x.size(0)
+        if self.outlier_aware:
+            confidence = sparse_confidence(x, src, dst)
+        else:
+            confidence = x.new_ones(x.shape[:-1])
+        x_src = x.index_select(0, src)
+        affinity = sparse_affinity(x.index_select(0, dst), x_src, self.att_weight, self.att_bias)
+        alpha = sparse_normalise(confidence.index_select(0, src) * affinity, dst, num_nodes)
+        h = scatter(alpha.unsqueeze(-1) * x_src, dst, dim=0, dim_size=num_nodes, reduce="sum")
+        if rows is not None:
+            h = h.index_select(0, rows)
+        return self._transform(h.transpose(0, 1)).transpose(0, 1)
+
+    def part(self, k: int) -> DenseORGNNConv:
+        """Part ``k`` as a stand-alone :class:`DenseORGNNConv` (a copy of its weights)."""
+        conv = DenseORGNNConv(self.in_channels, self.out_channels,
+                              outlier_aware=self.outlier_aware)
+        conv.load_state_dict({"lin.weight": self.weight[k], "lin.bias": self.bias[k],
+                              "att.weight": self.att_weight[k].view(1, -1),
+                              "att.bias": self.att_bias[k].view(1)})
+        return conv
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
+                f"num_parts={self.num_parts})")
+
+
+class ORGNN(torch.nn.Module):
+    r"""The per-part OR-GNN: ``M`` independent stacks of ``T`` OR-GNN layers, one per part,
+    reading out the target node (Alg. 1), with a per-part classifier for Eq. 7:
+
+    .. math::
+        \mathcal{L} = \frac{1}{M} \sum_{k=1}^{M}
+            \mathrm{CE}\big(\mathrm{FC}_k(\mathrm{BN}_k(\mathbf{x}_k^T(I_a))), y_a\big)
+
+    A neighbourhood graph is complete over the target (node 0) and its neighbours. The
+    target starts as the mean of its neighbours (``target_init="mean"``, the paper) or as the
+    image's own feature (``"self"``). The last layer computes only the target's row, so
+    :math:`\mathbf{W}` is applied to one row per graph instead of ``N``.
+
+    Args:
+        in_channels (int): Part feature size. (default: :obj:`256`)
+        hidden_channels (int): Size after each layer. (default: :obj:`256`)
+        num_parts (int): :math:`M`. (default: :obj:`6`)
+        num_layers (int): :math:`T`. (default: :obj:`2`)
+        num_classes (int, optional): Training identities; adds the Eq. 7 head.
+        outlier_aware (bool): Use Eq. 4's confidence. (default: :obj:`True`)
+        target_init (str): ``"mean"`` or ``"self"``. (default: :obj:`"mean"`)
+        init (str): ``"identity"`` or ``"glorot"``, see :class:`PartwiseORGNNConv`.
+            (default: :obj:`"identity"`)
+
+    Shapes:
+        - **input:** dense neighbourhoods :math:`(B, M, N, F)` with node 0 the target and a
+          mask :math:`(B, N)` or :math:`(B, M, N)`; or a PyG :class:`~torch_geometric.data.Batch`
+          whose graphs have ``x`` :math:`(n_g, M, F)`, the target first
+        - **output:** reconstructed parts :math:`(B, M, F_{hid})`
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        hidden_channels: int = 256,
+        num_parts: int = 6,
+        num_layers: int = 2,
+        num_classes: int | None = None,
+        outlier_aware: bool = True,
+        target_init: str = "mean",
+        init: str = "identity",
+    ) -> None:
+        super().__init__()
+        if target_init not in TARGET_INITS:
+            raise ValueError(f"target_init must be one of {TARGET_INITS}, got {target_init!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        self.in_channels, self.hidden_channels = in_channels, hidden_channels
+        self.num_parts, self.num_layers = num_parts, num_layers
+        self.num_classes = num_classes
+        self.outlier_aware, self.target_init, self.init = outlier_aware, target_init, init
+        dims = [in_channels] + [hidden_channels] * num_layers
+        self.layers = torch.nn.ModuleList(
+            PartwiseORGNNConv(num_parts, dims[t], dims[t + 1], outlier_aware, init)
+            for t in range(num_layers))
+        if num_classes is not None:
+            self.bn = torch.nn.BatchNorm1d(num_parts * hidden_channels)
+            self.bn.bias.requires_grad_(False)  # BNNeck
+            self.classifier = torch.nn.Parameter(
+                torch.randn(num_parts, num_classes, hidden_channels) * 1e-3)
+
+    def forward(self, x: Tensor | Batch, mask: Tensor | None = None) -> Tensor:
+        if isinstance(x, Data):
+            return self._forward_sparse(x)
+        return self._forward_dense(x, mask)
+
+    # ----------------------------------------------------------------------------------
+    def _forward_dense(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        if _checks.checks_enabled():
+            _checks.check_features(x, self.in_channels, "ORGNN", rank=(4,))
+            if x.size(1) != self.num_parts:
+                raise ValueError(f"ORGNN: x must have shape (B, M={self.num_parts}, N, F), "
+                                 f"got {tuple(x.shape)}")
+        b, m, n, _ = x.shape
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        if _checks.checks_enabled() and tuple(mask.shape) not in ((b, n), (b, m, n)):
+            raise ValueError(f"ORGNN: mask must have shape {(b, n)} or {(b, m, n)} to match "
+                             f"x, got {tuple(mask.shape)}")
+        valid = mask if mask.dim() == 3 else mask.unsqueeze(1)
+        valid = valid.transpose(0, 1).to(x.dtype)                     # (M or 1, B, N)
+        valid = torch.cat([torch.ones_like(valid[..., :1]), valid[..., 1:]], dim=-1)
+        h = x.transpose(0, 1)                                         # (M, B, N, F)
+        if self.target_init == "mean":
+            h = torch.cat([self._neighbour_mean(h, valid), h[:, :, 1:]], dim=2)
+        for layer in self.layers[:-1]:
+            h = layer.dense(h, valid)
+        out = self.layers[-1].dense(h, valid, rows=1)                 # target row only
+        return out.squeeze(2).transpose(0, 1)                         # (B, M, F)
+
+    @staticmethod
+    def _neighbour_mean(h: Tensor, valid: Tensor) -> Tensor:
+        """Mean of the valid neighbours (nodes 1..), or the node itself without any."""
+        weights = valid[..., 1:].unsqueeze(-1)
+        count = weights.sum(2)
+        mean = (h[:, :, 1:] * weights).sum(2) / count.clamp_min(1)
+        return torch.where(count > 0, mean, h[:, :, 0]).unsqueeze(2)
+
+    def _forward_sparse(self, batch: Data) -> Tensor:
+        x, edge_index = batch.x, batch.edge_index
+        if _checks.checks_enabled():
+            _checks.check_features(x, self.in_channels, "ORGNN", rank=(3,))
+            _checks.check_edge_index(edge_index, x.size(0), "ORGNN")
+        ptr = getattr(batch, "ptr", None)
+        if ptr is None:  # a single graph
+            ptr = torch.tensor([0, x.size(0)], device=x.device)
+            node_batch = torch.zeros(x.size(0), dtype=torch.long, device=x.device)
+        else:
+            node_batch = batch.batch
+        targets = ptr[:-1]
+        if self.target_init == "mean":
+            totals = scatter(x, node_batch, dim=0, dim_size=targets.numel(), reduce="sum")
+            counts = (ptr[1:] - ptr[:-1] - 1).view(-1, 1, 1).to(x.dtype)
+            own = x.index_select(0, targets)
+            mean = torch.where(counts > 0, (totals - own) / counts.clamp_min(1), own)
+            x = x.index_copy(0, targets, mean)
+        for layer in self.layers[:-1]:
+            x = layer.sparse(x, edge_index)
+        return self.layers[-1].sparse(x, edge_index, rows=targets)
+
+    # ----------------------------------------------------------------------------------
+    def classify(self, features: Tensor) -> Tensor:
+        """Per-part logits ``(B, M, C)`` for Eq. 7 (BN then a bias-free linear layer)."""
+        if self.num_classes is None:
+            raise RuntimeError("ORGNN was built without num_classes: it has no classifier")
+        b = features.size(0)
+        normed = self.bn(features.reshape(b, -1)).view(b, self.num_parts, -1)
+        return torch.einsum("bmf,mcf->bmc", normed, self.classifier)
+
+    def loss(self, features: Tensor, pids: Tensor) -> Tensor:
+        """Eq. 7: cross-entropy of each part's logits, averaged over parts."""
+        logits = self.classify(features)
+        return F.cross_entropy(logits.permute(0, 2, 1), pids.unsqueeze(1).expand(-1,
+                               self.num_parts))
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.hidden_channels}, "
+                f"num_parts={self.num_parts}, num_layers={self.num_layers})")

@@ -1,0 +1,64 @@
+"""Eq. 4-6 written as plain loops over nodes, straight from the paper (test reference only)."""
+from __future__ import annotations
+
+import torch
+
+
+def orgnn_layer_loop(x, lin_weight, lin_bias, att_weight, att_bias, outlier_aware=True,
+                     self_loops=False):
+    """One OR-GNN layer on one complete graph ``x`` (n, F); parameters as in ORGNNConv."""
+    n = x.shape[0]
+    v = att_weight.reshape(-1)
+    b = att_bias.reshape(())
+    confidence = []
+    for j in range(n):
+        others = [x[l] for l in range(n) if l != j]
+        if not others or not outlier_aware:
+            confidence.append(torch.ones((), dtype=x.dtype))
+            continue
+        mean = sum(others) / len(others)
+        cos = torch.dot(x[j], mean) / (torch.linalg.norm(x[j]) * torch.linalg.norm(mean))
+        confidence.append(torch.clamp(cos, min=0))
+    rows = []
+    for i in range(n):
+        senders = [j for j in range(n) if j != i or self_loops]
+        numerator = torch.zeros_like(x[i])
+        denominator = torch.zeros((), dtype=x.dtype)
+        for j in senders:
+            d = x[i] - x[j]
+            affinity = torch.sigmoid(torch.dot(v, d * d) + b)
+            numerator = numerator + confidence[j] * affinity * x[j]
+            denominator = denominator + confidence[j] * affinity
+        if not senders:
+            h = torch.zeros_like(x[i])
+        elif denominator > 0:
+            h = numerator / denominator
+        else:
+            h = sum(x[j] for j in senders) / len(senders)
+        rows.append(torch.relu(lin_weight @ h + (0 if lin_bias is None else lin_bias)))
+    return torch.stack(rows)
+
+
+def complete_edge_index(sizes, self_loops=False):
+    """Edges (src -> dst) of disjoint complete graphs with the given node counts."""
+    edges, offset = [], 0
+    for n in sizes:
+        for i in range(n):
+            for j in range(n):
+                if i != j or self_loops:
+                    edges.append((offset + j, offset + i))
+        offset += n
+    if not edges:
+        return torch.empty(2, 0, dtype=torch.long)
+    return torch.tensor(edges, dtype=torch.long).t().contiguous()
+
+
+def pad(graphs, num_nodes=None):
+    """List of (n_g, F) -> padded (B, N, F) and mask (B, N)."""
+    n_max = num_nodes or max(g.shape[0] for g in graphs)
+    x = torch.zeros(len(graphs), n_max, graphs[0].shape[1], dtype=graphs[0].dtype)
+    mask = torch.zeros(len(graphs), n_max, dtype=torch.bool)
+    for b, g in enumerate(graphs):
+        x[b, : g.shape[0]] = g
+        mask[b, : g.shape[0]] = True
+    return x, mask
