@@ -80,16 +80,22 @@ class PartwiseORGNNConv(torch.nn.Module):
         lead = h.shape[1:-1]
         flat = h.reshape(self.num_parts, -1, self.in_channels)
         out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
-        return F.relu(out).view(self.num_parts, *lead, self.out_channels)
+        return F.relu(out, inplace=not torch.is_grad_enabled()).view(
+            self.num_parts, *lead, self.out_channels)
 
-    def dense(self, x: Tensor, valid: Tensor, rows: int | None = None) -> Tensor:
-        """Dense forward on ``(M, B, N, F)``; returns ``(M, B, R, F_out)`` (``R = rows``)."""
+    def dense(self, x: Tensor, valid: Tensor, rows: int | None = None,
+              zero_padded: bool = True) -> Tensor:
+        """Dense forward on ``(M, B, N, F)``; returns ``(M, B, R, F_out)`` (``R = rows``).
+        ``zero_padded=False`` leaves padded rows unspecified (finite): a following layer
+        ignores them anyway, and skipping the mask saves a full pass."""
         m = self.num_parts
         h, _ = dense_orgnn_aggregate(
             x, valid, self.att_weight.view(m, 1, 1, -1), self.att_bias.view(m, 1, 1, 1),
             outlier_aware=self.outlier_aware, rows=rows)
-        r = h.size(-2)
-        return self._transform(h) * valid[..., :r].unsqueeze(-1).to(x.dtype)
+        out = self._transform(h)
+        if zero_padded:
+            out = out * valid[..., :h.size(-2)].unsqueeze(-1).to(x.dtype)
+        return out
 
     def sparse(self, x: Tensor, edge_index: Tensor, rows: Tensor | None = None) -> Tensor:
         """Sparse forward on ``(|V|, M, F)``; returns ``(|V|, M, F_out)`` (or the ``rows``)."""
@@ -203,21 +209,24 @@ class ORGNN(torch.nn.Module):
         valid = mask if mask.dim() == 3 else mask.unsqueeze(1)
         valid = valid.transpose(0, 1).to(x.dtype)                     # (M or 1, B, N)
         valid = torch.cat([torch.ones_like(valid[..., :1]), valid[..., 1:]], dim=-1)
-        h = x.transpose(0, 1)                                         # (M, B, N, F)
+        # (M, B, N, F); free when x is a transposed view of an (M, B, N, F) buffer, as the
+        # batches of orgnn.graphs are.
+        h = x.transpose(0, 1)
         if self.target_init == "mean":
-            h = torch.cat([self._neighbour_mean(h, valid), h[:, :, 1:]], dim=2)
+            h = h.clone(memory_format=torch.contiguous_format)
+            h[:, :, 0] = self._neighbour_mean(h, valid)
         for layer in self.layers[:-1]:
-            h = layer.dense(h, valid)
+            h = layer.dense(h, valid, zero_padded=False)
         out = self.layers[-1].dense(h, valid, rows=1)                 # target row only
         return out.squeeze(2).transpose(0, 1)                         # (B, M, F)
 
     @staticmethod
     def _neighbour_mean(h: Tensor, valid: Tensor) -> Tensor:
         """Mean of the valid neighbours (nodes 1..), or the node itself without any."""
-        weights = valid[..., 1:].unsqueeze(-1)
-        count = weights.sum(2)
-        mean = (h[:, :, 1:] * weights).sum(2) / count.clamp_min(1)
-        return torch.where(count > 0, mean, h[:, :, 0]).unsqueeze(2)
+        weights = valid[..., 1:].unsqueeze(-2)                        # (M|1, B, 1, N-1)
+        count = weights.sum(-1)
+        mean = (weights @ h[:, :, 1:]).squeeze(-2) / count.clamp_min(1)
+        return torch.where(count > 0, mean, h[:, :, 0])
 
     def _forward_sparse(self, batch: Data) -> Tensor:
         x, edge_index = batch.x, batch.edge_index

@@ -1,0 +1,105 @@
+r"""The adapter: part features + neighbourhoods -> batches of neighbourhood graphs.
+
+A neighbourhood graph of image :math:`I_a` is complete over :math:`\{I_a\} \cup
+\mathcal{N}(I_a)`, with the target :math:`I_a` as node 0 and its neighbours after it in
+decreasing similarity. Two renderings:
+
+* :func:`dense_neighbourhood_batch`: padded ``(B, M, 1 + K, D)`` features and a ``(B, 1 + K)``
+  node mask, for :class:`~orgnn.DenseORGNNConv` / :class:`~orgnn.ORGNN`;
+* :func:`pyg_neighbourhood_batch`: a :class:`torch_geometric.data.Batch` of complete graphs
+  whose ``x`` is ``(n_g, M, D)``, for :class:`~orgnn.ORGNNConv`.
+
+An image without neighbours gets itself as its only neighbour, so it passes through the same
+OR-GNN as every other image (a graph of its own feature), and all outputs share one space.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch_geometric.data import Batch, Data
+
+
+def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    return t.to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+def dense_neighbourhood_batch(
+    target: np.ndarray | Tensor,
+    gallery: np.ndarray | Tensor,
+    index: np.ndarray | Tensor,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gather neighbourhood graphs into a padded batch.
+
+    Args:
+        target: ``(B, M, D)`` features of the images to reconstruct.
+        gallery: ``(G, M, D)`` features the neighbour indices point into.
+        index: ``(B, K)`` int neighbour indices into ``gallery``; ``-1`` pads; a row with no
+            neighbour uses the target itself as its single neighbour.
+        device: where to build the batch.
+
+    Returns:
+        ``(x, mask)``: ``(B, M, 1 + K, D)`` float32 features (node 0 = target) and
+        ``(B, 1 + K)`` bool mask.
+    """
+    target_t = _as_tensor(target, device)
+    index_t = torch.as_tensor(np.asarray(index) if not isinstance(index, Tensor) else index,
+                              dtype=torch.long, device=target_t.device)
+    if index_t.dim() != 2 or index_t.size(0) != target_t.size(0):
+        raise ValueError(f"index must have shape (B={target_t.size(0)}, K), got "
+                         f"{tuple(index_t.shape)}")
+    if index_t.size(1) == 0:
+        index_t = index_t.new_full((index_t.size(0), 1), -1)
+    valid = index_t >= 0
+    empty = ~valid.any(dim=1)
+    if isinstance(gallery, Tensor):
+        gathered = gallery[index_t.clamp_min(0).to(gallery.device)]
+        neighbours = _as_tensor(gathered, target_t.device)
+    else:  # gather in numpy first: only B * K rows travel to the device
+        rows = np.clip(index_t.cpu().numpy(), 0, None)
+        neighbours = _as_tensor(gallery[rows], target_t.device)          # (B, K, M, D)
+    neighbours = torch.where(valid[..., None, None], neighbours, 0.0)
+    # Empty neighbourhood: the image itself is its only neighbour.
+    neighbours[:, 0] = torch.where(empty[:, None, None], target_t, neighbours[:, 0])
+    valid = valid.clone()
+    valid[:, 0] |= empty
+    # Built as one (M, B, N, D) buffer and returned as its (B, M, N, D) view: the model works
+    # part-major, so this layout spares it a copy.
+    b, k, m, d = neighbours.shape
+    x = neighbours.new_empty(m, b, 1 + k, d)
+    x[:, :, 0] = target_t.transpose(0, 1)
+    x[:, :, 1:] = neighbours.permute(2, 0, 1, 3)
+    x = x.transpose(0, 1)
+    mask = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+    return x, mask
+
+
+def pyg_neighbourhood_batch(x: Tensor, mask: Tensor) -> Batch:
+    """The same neighbourhoods as a PyG :class:`~torch_geometric.data.Batch` of complete
+    graphs (no self-loops): graph ``b`` has ``x`` of shape ``(n_b, M, D)``, target first.
+
+    Args:
+        x: ``(B, M, N, D)`` from :func:`dense_neighbourhood_batch`.
+        mask: ``(B, N)`` bool; valid nodes must come first in each row.
+    """
+    if not bool((mask.cummin(dim=1).values == mask).all()):
+        raise ValueError("mask rows must hold their valid nodes first (no gaps)")
+    sizes = mask.sum(1)
+    nodes = x.transpose(1, 2)[mask]                                   # (sum n_b, M, D)
+    ptr = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    graph = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes * sizes)
+    # All ordered pairs within each graph, vectorised: pair p of graph b -> (p // n, p % n).
+    first_pair = torch.cat([sizes.new_zeros(1), (sizes * sizes).cumsum(0)[:-1]])
+    pair = torch.arange(graph.numel(), device=x.device) - first_pair[graph]
+    n = sizes[graph]
+    dst, src = pair // n + ptr[graph], pair % n + ptr[graph]
+    keep = src != dst
+    edge_index = torch.stack([src[keep], dst[keep]])
+    batch = Batch(x=nodes, edge_index=edge_index,
+                  batch=torch.repeat_interleave(torch.arange(len(sizes), device=x.device), sizes),
+                  ptr=ptr)
+    batch._num_graphs = len(sizes)
+    return batch
+

@@ -1,0 +1,291 @@
+r"""Train -> search -> reconstruct -> evaluate: the paper's ablation (Table 4, SPEC §6).
+
+Retrieval distance between image :math:`a` (query side) and :math:`b` (SPEC §5):
+
+.. math::
+    d(a, b) = 1 - \frac{1}{|S_a|} \sum_{k \in S_a} \cos(\mathbf{x}_k(a), \mathbf{x}_k(b))
+
+with :math:`S_a` all parts, or (rows marked "+OAN") only the parts visible in :math:`a`.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from orgnn import metrics
+from orgnn.features import PartFeatures
+from orgnn.graphs import dense_neighbourhood_batch
+from orgnn.nn import ORGNN
+from orgnn.search import Neighbourhoods, search_neighbourhoods
+from orgnn.training import SearchConfig, TrainConfig, train_orgnn
+
+#: Every row of SPEC §6, in table order.
+ABLATION_ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn",
+                 "baseline_rr", "oan_rr", "orgnn_rr", "upper_bound")
+METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
+
+
+# --------------------------------------------------------------------------------------
+# Distances
+# --------------------------------------------------------------------------------------
+def _normalised(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x,
+                        dtype=torch.float32)
+    return torch.nn.functional.normalize(t, dim=-1)
+
+
+@torch.inference_mode()
+def part_distance(a: np.ndarray, b: np.ndarray, a_parts: np.ndarray | None = None,
+                  chunk_size: int = 4096) -> np.ndarray:
+    """``(A, B)`` float32 distances: 1 - mean part cosine over ``a``'s parts ``a_parts``
+    (``(A, M)`` bool; all parts when ``None``). One matrix product per chunk of rows."""
+    an, bn = _normalised(a), _normalised(b)
+    m = an.shape[1]
+    b_flat = bn.reshape(bn.shape[0], -1).T.contiguous()
+    out = np.empty((an.shape[0], bn.shape[0]), dtype=np.float32)
+    weights = None
+    if a_parts is not None:
+        w = torch.as_tensor(np.asarray(a_parts), dtype=torch.float32)
+        weights = w / w.sum(1, keepdim=True).clamp_min(1)
+    for start in range(0, an.shape[0], chunk_size):
+        rows = an[start:start + chunk_size]
+        if weights is None:
+            rows = rows / m
+        else:
+            rows = rows * weights[start:start + chunk_size, :, None]
+        out[start:start + chunk_size] = (1 - rows.reshape(rows.shape[0], -1) @ b_flat).numpy()
+    return out
+
+
+def oan_parts(visible: np.ndarray) -> np.ndarray:
+    """The parts an "+OAN" distance averages over: the visible ones (all, if none is)."""
+    visible = np.asarray(visible, dtype=bool)
+    return np.where(visible.any(1, keepdims=True), visible, True)
+
+
+# --------------------------------------------------------------------------------------
+# Reconstruction
+# --------------------------------------------------------------------------------------
+def _batched(target: np.ndarray, gallery: np.ndarray, index: np.ndarray, batch_size: int,
+             fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             device: str | torch.device, desc: str, progress: bool) -> np.ndarray:
+    chunks = []
+    starts = range(0, target.shape[0], batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch", leave=False):
+        sl = slice(start, start + batch_size)
+        x, mask = dense_neighbourhood_batch(target[sl], gallery, index[sl], device)
+        chunks.append(fn(x, mask).float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.empty((0,) + target.shape[1:], np.float32)
+
+
+@torch.inference_mode()
+def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
+                neighbourhoods: Neighbourhoods | np.ndarray, batch_size: int = 2048,
+                device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
+    """Reconstruct ``target`` ``(N, M, D)`` from its neighbours in ``gallery`` with the
+    OR-GNN, streaming ``batch_size`` graphs at a time. Returns ``(N, M, F)`` float32."""
+    index = getattr(neighbourhoods, "index", neighbourhoods)
+    model = model.to(device).eval()
+    return _batched(target, gallery, index, batch_size, model, device, "reconstruct",
+                    progress)
+
+
+@torch.inference_mode()
+def average_reconstruct(target: np.ndarray, gallery: np.ndarray,
+                        neighbourhoods: Neighbourhoods | np.ndarray,
+                        batch_size: int = 4096) -> np.ndarray:
+    """The ``avg`` row: each image becomes the plain mean of its neighbours (itself if it
+    has none)."""
+    index = getattr(neighbourhoods, "index", neighbourhoods)
+
+    def mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = mask[:, None, 1:, None].to(x.dtype)
+        return (x[:, :, 1:] * w).sum(2) / w.sum(2)
+
+    return _batched(target, gallery, index, batch_size, mean, "cpu", "average", False)
+
+
+# --------------------------------------------------------------------------------------
+# The ablation
+# --------------------------------------------------------------------------------------
+@dataclass
+class AblationConfig:
+    """Everything the ablation needs besides the data."""
+
+    search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+    batch_size: int = 2048
+
+
+@dataclass
+class AblationResult:
+    rows: dict[str, dict[str, float]]
+    empty_neighbourhoods: dict[str, int]
+    timings: dict[str, float]
+    config: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """``{row: {"mAP", "rank1", "rank5", "rank10", "mINP"}}`` (percent) plus the
+        empty-neighbourhood counts, timings (seconds) and the configuration."""
+        return {**self.rows, "empty_neighbourhoods": self.empty_neighbourhoods,
+                "timings": self.timings, "config": self.config}
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Span:
+            def __enter__(self_inner):
+                self_inner.start = time.perf_counter()
+
+            def __exit__(self_inner, *exc):
+                timer.timings[name] = timer.timings.get(name, 0.0) + (
+                    time.perf_counter() - self_inner.start)
+
+        return _Span()
+
+
+def _percent(result: dict) -> dict[str, float]:
+    return {k: round(100.0 * float(result[k]), 2) for k in METRIC_KEYS}
+
+
+def search_split(target: PartFeatures, gallery: PartFeatures, cfg: SearchConfig, *,
+                 same_split: bool, all_parts: bool = False) -> Neighbourhoods:
+    """Neighbourhoods of ``target`` in ``gallery`` (self excluded when they are one split);
+    ``all_parts`` searches with every part (the "no OAN" setting)."""
+    parts = np.ones(target.visible.shape, dtype=bool) if all_parts else None
+    return search_neighbourhoods(
+        target.features, target.visible, gallery.features, k=cfg.k, theta=cfg.theta,
+        mode=cfg.mode, upper_body_parts=cfg.upper_body_parts, index=cfg.index,
+        nprobe=cfg.nprobe, exclude=np.arange(target.num_images) if same_split else None,
+        search_parts=parts)
+
+
+def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None = None,
+                 rows: Sequence[str] = ABLATION_ROWS, progress: bool = True,
+                 models: dict[str, ORGNN] | None = None) -> AblationResult:
+    """Run the ablation rows (SPEC §6) on ``{"train", "query", "gallery"}`` splits.
+
+    Both query and gallery are reconstructed (SPEC §3). ``models`` may hold already trained
+    ``"orgnn"`` and ``"oan_gnn"`` (``outlier_aware=False``) models; missing ones are trained
+    on ``splits["train"]``.
+    """
+    config = config or AblationConfig()
+    unknown = sorted(set(rows) - set(ABLATION_ROWS))
+    if unknown:
+        raise ValueError(f"unknown ablation rows {unknown}; known: {', '.join(ABLATION_ROWS)}")
+    query, gallery = splits["query"], splits["gallery"]
+    timer = _Timer()
+    models = dict(models or {})
+    results: dict[str, dict[str, float]] = {}
+    empty: dict[str, int] = {}
+    q_oan, g_oan = oan_parts(query.visible), oan_parts(gallery.visible)
+
+    def score(name: str, q_feats, g_feats, q_parts=None, g_parts=None,
+              rerank: str | None = None) -> None:
+        with timer("evaluate"):
+            dist = part_distance(q_feats, g_feats, q_parts)
+            results[name] = _percent(metrics.evaluate(dist, query.pids, gallery.pids,
+                                                      query.camids, gallery.camids))
+        if rerank in rows:
+            with timer("rerank"):
+                final = metrics.re_ranking(dist, part_distance(q_feats, q_feats, q_parts),
+                                           part_distance(g_feats, g_feats, g_parts),
+                                           config.k1, config.k2, config.lambda_value)
+                results[rerank] = _percent(metrics.evaluate(final, query.pids, gallery.pids,
+                                                            query.camids, gallery.camids))
+
+    def model_for(outlier_aware: bool) -> ORGNN:
+        key = "orgnn" if outlier_aware else "oan_gnn"
+        if key not in models:
+            cfg = TrainConfig(**{**config.train.__dict__, "outlier_aware": outlier_aware})
+            with timer("train"):
+                models[key] = train_orgnn(splits["train"], cfg, progress=progress)
+        return models[key]
+
+    def run_model(model: ORGNN, q_nbrs: Neighbourhoods, g_nbrs: Neighbourhoods):
+        with timer("reconstruct"):
+            q = reconstruct(model, query.features, gallery.features, q_nbrs, config.batch_size)
+            g = reconstruct(model, gallery.features, gallery.features, g_nbrs,
+                            config.batch_size)
+        return q, g
+
+    if {"baseline", "baseline_rr"} & set(rows):
+        score("baseline", query.features, gallery.features, rerank="baseline_rr")
+    if {"oan", "oan_rr"} & set(rows):
+        score("oan", query.features, gallery.features, q_oan, g_oan, rerank="oan_rr")
+
+    needs_visible = {"avg", "oan_gnn", "orgnn", "orgnn_rr", "upper_bound"} & set(rows)
+    if needs_visible:
+        with timer("search"):
+            q_nbrs = search_split(query, gallery, config.search, same_split=False)
+            g_nbrs = search_split(gallery, gallery, config.search, same_split=True)
+        empty["query"], empty["gallery"] = q_nbrs.num_empty, g_nbrs.num_empty
+        if "avg" in rows:
+            with timer("reconstruct"):
+                q_avg = average_reconstruct(query.features, gallery.features, q_nbrs)
+                g_avg = average_reconstruct(gallery.features, gallery.features, g_nbrs)
+            score("avg", q_avg, g_avg)
+        if {"orgnn", "orgnn_rr"} & set(rows):
+            q_rec, g_rec = run_model(model_for(True), q_nbrs, g_nbrs)
+            score("orgnn", q_rec, g_rec, rerank="orgnn_rr")
+        if "oan_gnn" in rows:
+            score("oan_gnn", *run_model(model_for(False), q_nbrs, g_nbrs))
+        if "upper_bound" in rows:
+            q_ub = q_nbrs.filter(_same_identity(q_nbrs, query.pids, gallery.pids))
+            g_ub = g_nbrs.filter(_same_identity(g_nbrs, gallery.pids, gallery.pids))
+            score("upper_bound", *run_model(model_for(True), q_ub, g_ub))
+    if "gnn" in rows:
+        with timer("search"):
+            q_all = search_split(query, gallery, config.search, same_split=False,
+                                 all_parts=True)
+            g_all = search_split(gallery, gallery, config.search, same_split=True,
+                                 all_parts=True)
+        empty["query_all_parts"] = q_all.num_empty
+        score("gnn", *run_model(model_for(True), q_all, g_all))
+
+    ordered = {name: results[name] for name in ABLATION_ROWS if name in results}
+    timings = {k: round(v, 3) for k, v in timer.timings.items()}
+    timings["search+reconstruct+evaluate"] = round(sum(
+        timer.timings.get(k, 0.0) for k in ("search", "reconstruct", "evaluate")), 3)
+    return AblationResult(ordered, empty, timings, _config_json(config))
+
+
+def _same_identity(nbrs: Neighbourhoods, target_pids: np.ndarray,
+                   gallery_pids: np.ndarray) -> np.ndarray:
+    return gallery_pids[np.clip(nbrs.index, 0, None)] == np.asarray(target_pids)[:, None]
+
+
+def _config_json(config: AblationConfig) -> dict[str, Any]:
+    def plain(obj: Any) -> Any:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in obj.__dict__.items()}
+
+    return {"search": plain(config.search), "train": plain(config.train), "k1": config.k1,
+            "k2": config.k2, "lambda_value": config.lambda_value}
+
+
+def format_table(result: AblationResult, title: str | None = None) -> str:
+    """The ablation as a fixed-width text table (percent)."""
+    lines = [title] if title else []
+    header = f"{'row':<12}" + "".join(f"{k:>8}" for k in METRIC_KEYS)
+    lines += [header, "-" * len(header)]
+    for name, row in result.rows.items():
+        lines.append(f"{name:<12}" + "".join(f"{row[k]:>8.1f}" for k in METRIC_KEYS))
+    if result.empty_neighbourhoods:
+        lines.append("empty neighbourhoods: " + ", ".join(
+            f"{k} {v}" for k, v in result.empty_neighbourhoods.items()))
+    lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+r"""Training the per-part OR-GNN on a training split (Eq. 7), and its checkpoints.
+
+Neighbourhoods are searched within the training split (each image excluded from its own),
+batches hold ``P`` identities x ``K`` neighbourhood sets, and the loss is
+
+.. math::
+    \mathcal{L} = \frac{1}{M} \sum_{k=1}^{M} \mathrm{CE}\big(\mathbf{x}_k^T(I_a), y_a\big)
+    \;+\; \lambda_{rec} \frac{1}{M} \sum_{k=1}^{M}
+        \big(1 - \cos(\mathbf{x}_k^T(I_a), \mathbf{x}_k^{clean}(I_a))\big)
+
+where the second term (off by default, ``recon_weight``) needs the clean features of the
+training images (``clean_features`` in the part-feature file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from orgnn.features import PartFeatures
+from orgnn.graphs import dense_neighbourhood_batch
+from orgnn.nn import ORGNN
+from orgnn.search import Neighbourhoods, search_neighbourhoods
+
+CHECKPOINT_FORMAT = "orgnn-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class SearchConfig:
+    """How neighbourhoods are searched (SPEC §3)."""
+
+    k: int = 10
+    theta: float = 0.7
+    mode: str = "visible-mean"
+    upper_body_parts: tuple[int, ...] | None = (0, 1)
+    index: str = "flat"
+    nprobe: int = 16
+
+
+@dataclass
+class TrainConfig:
+    """OR-GNN training settings; defaults follow the paper (SPEC §4) unless noted."""
+
+    epochs: int = 120
+    lr: float = 3.5e-4
+    milestones: tuple[int, ...] = (40, 70)    # of the paper's 120 epochs; scaled to `epochs`
+    gamma: float = 0.1
+    weight_decay: float = 5e-4
+    ids_per_batch: int = 16
+    sets_per_id: int = 4
+    k: int = 30
+    theta: float = 0.7
+    mode: str = "visible-mean"
+    hidden_channels: int | None = None        # None: the part dimension
+    num_layers: int = 2
+    outlier_aware: bool = True
+    target_init: str = "mean"
+    init: str = "identity"
+    recon_weight: float = 0.0
+    seed: int = 0
+
+    def scaled_milestones(self) -> list[int]:
+        """The paper's step epochs scaled from 120 epochs to ``epochs``."""
+        return [max(1, round(m * self.epochs / 120)) for m in self.milestones]
+
+
+def train_neighbourhoods(train: PartFeatures, config: TrainConfig) -> Neighbourhoods:
+    """Neighbourhoods of every training image within the training split (self excluded)."""
+    return search_neighbourhoods(
+        train.features, train.visible, train.features, k=config.k, theta=config.theta,
+        mode=config.mode, exclude=np.arange(train.num_images))
+
+
+def pk_batches(labels: np.ndarray, ids_per_batch: int, sets_per_id: int,
+               rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of ``P x K`` batches of image indices: every identity once per epoch, ``K``
+    images each (drawn with replacement when it has fewer), no identity twice in a batch."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ids = rng.permutation(np.flatnonzero(counts))
+    # Per identity: K draws; without replacement where it has at least K images.
+    keys = rng.random((len(ids), counts.max()))
+    keys[np.arange(counts.max())[None, :] >= counts[ids][:, None]] = np.inf
+    ranked = np.argsort(keys, axis=1)[:, :sets_per_id]
+    short = counts[ids] < sets_per_id
+    resampled = (rng.random((len(ids), sets_per_id)) * counts[ids][:, None]).astype(np.int64)
+    offsets = np.where(short[:, None], resampled, ranked)
+    images = order[starts[ids][:, None] + offsets]                         # (num_ids, K)
+    return [images[i:i + ids_per_batch].reshape(-1)
+            for i in range(0, len(ids), ids_per_batch)]
+
+
+def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
+                neighbourhoods: Neighbourhoods | None = None, progress: bool = True,
+                device: str | torch.device = "cpu") -> ORGNN:
+    """Train an :class:`~orgnn.ORGNN` on ``train`` with Eq. 7 (seeded, reproducible)."""
+    config = config or TrainConfig()
+    if config.recon_weight > 0 and train.clean_features is None:
+        raise ValueError("recon_weight > 0 needs clean_features in the training split")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    if neighbourhoods is None:
+        neighbourhoods = train_neighbourhoods(train, config)
+    _, labels = np.unique(train.pids, return_inverse=True)
+    model = ORGNN(train.dim, config.hidden_channels or train.dim, train.num_parts,
+                  config.num_layers, num_classes=int(labels.max()) + 1,
+                  outlier_aware=config.outlier_aware, target_init=config.target_init,
+                  init=config.init).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr,
+                                 weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, config.scaled_milestones(),
+                                                     config.gamma)
+    features = np.asarray(train.features, dtype=np.float32)
+    clean = None if train.clean_features is None else torch.from_numpy(
+        np.asarray(train.clean_features, dtype=np.float32))
+    label_t = torch.from_numpy(labels.astype(np.int64))
+    model.train()
+    bar = tqdm(range(config.epochs), desc="train OR-GNN", disable=not progress, unit="epoch")
+    for _ in bar:
+        total, count = 0.0, 0
+        for batch in pk_batches(labels, config.ids_per_batch, config.sets_per_id, rng):
+            x, mask = dense_neighbourhood_batch(features[batch], features,
+                                                neighbourhoods.index[batch], device)
+            out = model(x, mask)
+            loss = model.loss(out, label_t[batch].to(device))
+            if config.recon_weight > 0:
+                target = clean[batch].to(device)
+                loss = loss + config.recon_weight * (
+                    1 - F.cosine_similarity(out, target, dim=-1)).mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total, count = total + loss.item() * len(batch), count + len(batch)
+        scheduler.step()
+        bar.set_postfix(loss=f"{total / max(count, 1):.3f}")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints: tensors and plain values only, so torch.load(weights_only=True) reads them.
+# --------------------------------------------------------------------------------------
+def _config_dict(config: TrainConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(config).items()}
+
+
+def save_checkpoint(path: str | os.PathLike, model: ORGNN, config: TrainConfig) -> Path:
+    """Write ``model`` and its training config atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {"in_channels": model.in_channels, "hidden_channels": model.hidden_channels,
+                  "num_parts": model.num_parts, "num_layers": model.num_layers,
+                  "num_classes": model.num_classes, "outlier_aware": model.outlier_aware,
+                  "target_init": model.target_init, "init": model.init},
+        "config": _config_dict(config),
+        "state_dict": model.state_dict(),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike,
+                    device: str | torch.device = "cpu") -> tuple[ORGNN, TrainConfig]:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: corrupted or truncated, cannot be read "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+                              ) from None
+    except Exception as err:  # unpickling refused: not a plain-tensor checkpoint
+        raise CheckpointError(f"checkpoint {path}: not an orgnn checkpoint "
+                              f"({type(err).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not an orgnn checkpoint (expected format "
+                              f"{CHECKPOINT_FORMAT!r})")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()
+           if k in fields}
+    model = ORGNN(**payload["model"]).to(device)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit the model "
+                              f"({str(err).splitlines()[0][:160]})") from None
+    return model.eval(), TrainConfig(**raw)
