@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch_geometric.data import Batch, Data
+from torch_geometric.data import Batch
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
