@@ -83,6 +83,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recon-weight", type=float, default=0.0,
                    help="weight of the reconstruction loss (needs clean_features)")
     g.add_argument("--seed", type=int, default=0)
+    if not any(a.dest == "mode" for a in p._actions):
+        g.add_argument("--mode", default="visible-mean",
+                       choices=["visible-mean", "intersection"], help="search mode")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -97,10 +100,13 @@ def _configs(args: argparse.Namespace):
     from orgnn.pipeline import AblationConfig
     from orgnn.training import SearchConfig, TrainConfig
 
-    search = SearchConfig(k=args.k, theta=args.theta, mode=args.mode,
-                          index=getattr(args, "index", "flat"))
+    defaults = SearchConfig()
+    search = SearchConfig(k=getattr(args, "k", defaults.k),
+                          theta=getattr(args, "theta", defaults.theta),
+                          mode=getattr(args, "mode", defaults.mode),
+                          index=getattr(args, "index", defaults.index))
     train = TrainConfig(epochs=args.epochs, k=args.train_k, theta=args.train_theta,
-                        mode=args.mode, init=args.init, target_init=args.target_init,
+                        mode=search.mode, init=args.init, target_init=args.target_init,
                         recon_weight=args.recon_weight, seed=args.seed)
     return AblationConfig(search=search, train=train)
 

@@ -1,0 +1,116 @@
+"""OR-GNN training: PK batches, reproducibility, checkpoints that round-trip or fail clearly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from orgnn.datasets import synthetic_preset
+from orgnn.training import (
+    CheckpointError,
+    TrainConfig,
+    load_checkpoint,
+    pk_batches,
+    save_checkpoint,
+    train_orgnn,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return synthetic_preset("tiny", seed=0)
+
+
+def test_pk_batches_cover_identities_without_repeats():
+    labels = np.array([0] * 6 + [1] * 2 + [2] * 5 + [3] * 4 + [4] * 1)
+    batches = pk_batches(labels, ids_per_batch=2, sets_per_id=4,
+                         rng=np.random.default_rng(0))
+    assert [len(b) for b in batches] == [8, 8, 4]
+    seen = []
+    for batch in batches:
+        ids = labels[batch].reshape(-1, 4)
+        assert (ids == ids[:, :1]).all()                   # K images of one identity each
+        assert len(set(ids[:, 0])) == len(ids)             # no identity twice in a batch
+        seen += ids[:, 0].tolist()
+        for row in batch.reshape(-1, 4):                   # without replacement when possible
+            if np.sum(labels == labels[row[0]]) >= 4:
+                assert len(set(row)) == 4
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
+def test_milestones_scale_with_epochs():
+    assert TrainConfig(epochs=120).scaled_milestones() == [40, 70]
+    assert TrainConfig(epochs=12).scaled_milestones() == [4, 7]
+
+
+def test_training_is_seeded(tiny):
+    cfg = TrainConfig(epochs=3, init="glorot", lr=1e-2, seed=3)
+    a = train_orgnn(tiny["train"], cfg, progress=False)
+    b = train_orgnn(tiny["train"], cfg, progress=False)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(pa, pb, msg=name)
+    other = train_orgnn(tiny["train"], TrainConfig(epochs=3, init="glorot", lr=1e-2, seed=4),
+                        progress=False)
+    assert not torch.equal(other.layers[0].weight, a.layers[0].weight)
+
+
+def test_recon_loss_needs_clean_features(tiny):
+    train = tiny["train"]
+    no_clean = type(train)(train.features, train.visibility, train.pids, train.camids)
+    with pytest.raises(ValueError, match="clean_features"):
+        train_orgnn(no_clean, TrainConfig(epochs=1, recon_weight=1.0), progress=False)
+    model = train_orgnn(train, TrainConfig(epochs=1, recon_weight=1.0), progress=False)
+    assert model.num_classes == len(np.unique(train.pids))
+
+
+def test_checkpoint_round_trip_and_weights_only(tiny, tmp_path):
+    cfg = TrainConfig(epochs=1, seed=1, target_init="self")
+    model = train_orgnn(tiny["train"], cfg, progress=False)
+    path = save_checkpoint(tmp_path / "m.pt", model, cfg)
+    raw = torch.load(path, weights_only=True)              # plain tensors and values only
+    assert raw["format"] == "orgnn-checkpoint-v1"
+    loaded, loaded_cfg = load_checkpoint(path)
+    assert loaded_cfg == cfg and loaded.target_init == "self"
+    x = torch.rand(2, 6, 5, tiny["train"].dim)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left
+
+
+def test_bad_checkpoints_fail_clearly_and_leave_files_untouched(tiny, tmp_path):
+    cfg = TrainConfig(epochs=1)
+    model = train_orgnn(tiny["train"], cfg, progress=False)
+    good = save_checkpoint(tmp_path / "good.pt", model, cfg)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated.pt: corrupted or truncated"):
+        load_checkpoint(truncated)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_checkpoint(garbage)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(CheckpointError, match="not an orgnn checkpoint"):
+        load_checkpoint(other)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pt")
+    # A save that fails midway leaves the previous checkpoint intact and no temp file.
+    before = good.read_bytes()
+
+    class Boom(RuntimeError):
+        pass
+
+    def failing_save(*args, **kwargs):
+        raise Boom("disk full")
+
+    original = torch.save
+    torch.save = failing_save
+    try:
+        with pytest.raises(Boom):
+            save_checkpoint(good, model, cfg)
+    finally:
+        torch.save = original
+    assert good.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "garbage.pt", "good.pt", "other.pt", "truncated.pt"]
