@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import faiss
-import numpy as np
 import torch
 import torch_geometric
 
