@@ -86,22 +86,32 @@ def train_neighbourhoods(train: PartFeatures, config: TrainConfig) -> Neighbourh
 
 def pk_batches(labels: np.ndarray, ids_per_batch: int, sets_per_id: int,
                rng: np.random.Generator) -> list[np.ndarray]:
-    """One epoch of ``P x K`` batches of image indices: every identity once per epoch, ``K``
-    images each (drawn with replacement when it has fewer), no identity twice in a batch."""
-    order = np.argsort(labels, kind="stable")
+    """One epoch of ``P x K`` batches of image indices, as torchreid's
+    ``RandomIdentitySampler`` builds them: each identity's images are shuffled and cut into
+    chunks of ``K`` (an identity with fewer than ``K`` images is drawn with replacement), and
+    each batch takes one chunk from each of ``P`` distinct identities until fewer than ``P``
+    identities have chunks left. So an epoch sees every image about once, and no identity
+    appears twice in a batch.
+    """
+    labels = np.asarray(labels)
+    order = rng.permutation(len(labels))
+    order = order[np.argsort(labels[order], kind="stable")]         # grouped, shuffled within
     counts = np.bincount(labels)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    ids = rng.permutation(np.flatnonzero(counts))
-    # Per identity: K draws; without replacement where it has at least K images.
-    keys = rng.random((len(ids), counts.max()))
-    keys[np.arange(counts.max())[None, :] >= counts[ids][:, None]] = np.inf
-    ranked = np.argsort(keys, axis=1)[:, :sets_per_id]
-    short = counts[ids] < sets_per_id
-    resampled = (rng.random((len(ids), sets_per_id)) * counts[ids][:, None]).astype(np.int64)
-    offsets = np.where(short[:, None], resampled, ranked)
-    images = order[starts[ids][:, None] + offsets]                         # (num_ids, K)
-    return [images[i:i + ids_per_batch].reshape(-1)
-            for i in range(0, len(ids), ids_per_batch)]
+    chunks: dict[int, list[np.ndarray]] = {}
+    for pid in np.flatnonzero(counts):                               # per identity, not image
+        images = order[starts[pid]:starts[pid] + counts[pid]]
+        if len(images) < sets_per_id:
+            images = rng.choice(images, size=sets_per_id, replace=True)
+        usable = len(images) - len(images) % sets_per_id
+        chunks[int(pid)] = list(images[:usable].reshape(-1, sets_per_id))
+    p = min(ids_per_batch, len(chunks))
+    batches = []
+    while sum(1 for c in chunks.values() if c) >= p:
+        available = [pid for pid, c in chunks.items() if c]
+        chosen = rng.choice(available, size=p, replace=False)
+        batches.append(np.concatenate([chunks[int(pid)].pop() for pid in chosen]))
+    return batches
 
 
 def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,

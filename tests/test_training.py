@@ -21,21 +21,24 @@ def tiny():
     return synthetic_preset("tiny", seed=0)
 
 
-def test_pk_batches_cover_identities_without_repeats():
-    labels = np.array([0] * 6 + [1] * 2 + [2] * 5 + [3] * 4 + [4] * 1)
+def test_pk_batches_follow_torchreid_epochs():
+    labels = np.array([0] * 9 + [1] * 2 + [2] * 5 + [3] * 8 + [4] * 4)
     batches = pk_batches(labels, ids_per_batch=2, sets_per_id=4,
                          rng=np.random.default_rng(0))
-    assert [len(b) for b in batches] == [8, 8, 4]
-    seen = []
+    # chunks of 4: id0 2, id1 1 (resampled), id2 1, id3 2, id4 1 -> 7 chunks -> 3 batches of 2
+    assert len(batches) == 3 and all(len(b) == 8 for b in batches)
+    used = np.concatenate(batches)
     for batch in batches:
         ids = labels[batch].reshape(-1, 4)
         assert (ids == ids[:, :1]).all()                   # K images of one identity each
         assert len(set(ids[:, 0])) == len(ids)             # no identity twice in a batch
-        seen += ids[:, 0].tolist()
-        for row in batch.reshape(-1, 4):                   # without replacement when possible
-            if np.sum(labels == labels[row[0]]) >= 4:
-                assert len(set(row)) == 4
-    assert sorted(seen) == [0, 1, 2, 3, 4]
+    for pid, n in [(0, 9), (3, 8), (2, 5)]:                # no image twice where n >= K
+        mine = used[labels[used] == pid]
+        assert len(mine) == len(set(mine.tolist())) <= n
+    # An epoch sees about every image once.
+    big = np.repeat(np.arange(20), 12)
+    epoch = np.concatenate(pk_batches(big, 16, 4, np.random.default_rng(1)))
+    assert len(epoch) >= 0.75 * len(big)
 
 
 def test_milestones_scale_with_epochs():
