@@ -10,6 +10,7 @@ library defaults, prints the tables and writes JSON (``--json``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import faiss
+import numpy as np
 import torch
 import torch_geometric
 
@@ -74,10 +76,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.sweep:
         out["sweep_search"] = sweep_search(occluded)
-        out["sweep_training"] = sweep_training(occluded, epochs)
+        out["sweep_training"] = sweep_training(with_clean_train(occluded, root), epochs)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
+
+
+def with_clean_train(splits: dict, root: Path) -> dict:
+    """Attach the clean features of the training images (from ``all-frames.npz``, matched
+    by path) so that the reconstruction-loss variant can use them."""
+    frames = np.load(root / "all-frames.npz")
+    train = splits["train"]
+    if not np.array_equal(frames["train_path"], train.paths):
+        sys.exit("all-frames.npz train paths do not match occluded/train.npz")
+    return {**splits, "train": dataclasses.replace(train, clean_features=frames["train_clean"])}
 
 
 def sweep_search(splits) -> list[dict]:

@@ -70,6 +70,8 @@ class TrainConfig:
     target_init: str = "mean"
     init: str = "identity"
     recon_weight: float = 0.0
+    ce_weight: float = 1.0
+    train_transform: bool = True              # False: W stays fixed, only V and b learn
     seed: int = 0
 
     def scaled_milestones(self) -> list[int]:
@@ -130,7 +132,12 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
                   config.num_layers, num_classes=int(labels.max()) + 1,
                   outlier_aware=config.outlier_aware, target_init=config.target_init,
                   init=config.init).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr,
+    if not config.train_transform:
+        for layer in model.layers:
+            layer.weight.requires_grad_(False)
+            layer.bias.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=config.lr,
                                  weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, config.scaled_milestones(),
                                                      config.gamma)
@@ -146,7 +153,7 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
             x, mask = dense_neighbourhood_batch(features[batch], features,
                                                 neighbourhoods.index[batch], device)
             out = model(x, mask)
-            loss = model.loss(out, label_t[batch].to(device))
+            loss = config.ce_weight * model.loss(out, label_t[batch].to(device))
             if config.recon_weight > 0:
                 target = clean[batch].to(device)
                 loss = loss + config.recon_weight * (

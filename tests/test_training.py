@@ -117,3 +117,13 @@ def test_bad_checkpoints_fail_clearly_and_leave_files_untouched(tiny, tmp_path):
     assert good.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "garbage.pt", "good.pt", "other.pt", "truncated.pt"]
+
+
+def test_fixed_transform_learns_only_the_outlier_module(tiny):
+    cfg = TrainConfig(epochs=2, train_transform=False, lr=1e-2)
+    model = train_orgnn(tiny["train"], cfg, progress=False)
+    for layer in model.layers:
+        torch.testing.assert_close(layer.weight, torch.eye(layer.out_channels)
+                                   .expand_as(layer.weight))
+        assert layer.bias.abs().sum() == 0
+    assert any(layer.att_weight.abs().sum() > 0 for layer in model.layers)
