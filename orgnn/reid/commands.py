@@ -1,0 +1,184 @@
+"""``orgnn masks``, ``orgnn train-oan``, ``orgnn train-fen``, ``orgnn extract``.
+
+Thin wrappers: parse, call :mod:`orgnn.reid`, print. Importing this module needs neither
+torchvision nor torch (the graph side's commands must work without them); the handlers import
+what they drive.
+"""
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+_DATASETS = ("market1501", "dukemtmc", "occluded_duke", "occluded_reid", "partial_reid")
+
+
+def _add_common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
+    if dataset:
+        p.add_argument("--dataset", required=True, choices=_DATASETS,
+                       help="dataset layout of --dataset-dir")
+    p.add_argument("--dataset-dir", required=True, metavar="DIR", help="dataset folder")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (CUDA if available, default), 'cpu', 'cuda', 'cuda:1' ...")
+    p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                   help="unreadable/truncated image: stop naming it (default) or report and "
+                        "skip it")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+
+
+def _add_train(p: argparse.ArgumentParser, task: str) -> None:
+    _add_common(p)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run folder: OUT/last.pt is the checkpoint")
+    p.add_argument("--mask-dir", metavar="DIR", required=task == "oan",
+                   help="person masks from `orgnn masks`" + (" (required)" if task == "oan"
+                                                              else " (optional)"))
+    p.add_argument("--epochs", type=int, default=120)
+    p.add_argument("--lr", type=float, default=3.5e-4)
+    p.add_argument("--milestones", type=int, nargs="*", default=[40, 70],
+                   help="epochs where the lr is multiplied by --gamma (default 40 70)")
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    if task == "fen":
+        p.add_argument("--P", "-P", dest="P", type=int, default=8, help="identities per batch")
+        p.add_argument("--K", "-K", dest="K", type=int, default=4, help="images per identity")
+        p.add_argument("--margin", type=float, default=0.3, help="triplet margin")
+        p.add_argument("--label-smoothing", type=float, default=0.0)
+    else:
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--tau", type=float, default=0.5,
+                       help="part label threshold on mask row coverage (default 0.5)")
+    p.add_argument("--occlude-prob", type=float, default=None,
+                   help="synthetic-occlusion probability (default: 0.5 OAN, 0 FEN)")
+    p.add_argument("--height", type=int, default=384)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--flip-prob", type=float, default=0.5)
+    p.add_argument("--erasing-prob", type=float, default=0.5)
+    p.add_argument("--arch", default="resnet50", choices=("resnet50", "resnet34", "resnet18"))
+    p.add_argument("--pool", default="avg", choices=("avg", "max"), help="per-part pooling")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--backbone-weights", metavar="PATH",
+                         help="local torchvision ResNet state-dict file (weights_only load)")
+    weights.add_argument("--pretrained", action="store_true",
+                         help="torchvision ImageNet weights (downloads; needs internet)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    p.add_argument("--no-amp", dest="amp", action="store_false",
+                   help="float32 on CUDA (AMP is on by default on CUDA, never on CPU)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue from OUT/last.pt (or CKPT)")
+    p.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+                   help="write OUT/last.pt every this many epochs (and at the end)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimiser steps (smoke tests)")
+    p.set_defaults(func=_train_oan if task == "oan" else _train_fen)
+
+
+def register(subparsers) -> None:
+    """Add the image-side commands to ``orgnn``'s sub-command parser."""
+    p = subparsers.add_parser(
+        "masks", help="person masks with Mask R-CNN (one PNG per image)",
+        description="Run torchvision's Mask R-CNN over every image under --dataset-dir and "
+                    "write the largest, most central person's mask as OUT/<same path>.png. "
+                    "Existing masks are kept (rerun to resume).")
+    _add_common(p, dataset=False)
+    p.add_argument("--out", required=True, metavar="DIR", help="mask folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", metavar="PATH",
+                     help="local maskrcnn_resnet50_fpn state-dict file")
+    src.add_argument("--pretrained", action="store_true",
+                     help="torchvision's COCO weights (downloads; needs internet)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="untrained model: tests the plumbing only, finds no one")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--min-size", type=int, default=800, help="Mask R-CNN resize (short side)")
+    p.add_argument("--max-size", type=int, default=1333, help="Mask R-CNN resize (long side)")
+    p.set_defaults(func=_masks)
+
+    _add_train(subparsers.add_parser(
+        "train-fen", help="train the feature extraction network (Eq. 1)",
+        description="Train FEN: PK batches, ID cross-entropy + batch-hard triplet per part. "
+                    "Single GPU by default; multi-GPU with `torchrun --nproc_per_node=N`."),
+        "fen")
+    _add_train(subparsers.add_parser(
+        "train-oan", help="train the occlusion-aware network on person masks (Eq. 2)",
+        description="Train OAN on person masks (with synthetic occlusions) against part "
+                    "labels from the mask rule; BCE per part."), "oan")
+
+    p = subparsers.add_parser(
+        "extract", help="images (+ masks) -> part-feature files (train/query/gallery .npz)",
+        description="Write OUT/{train,query,gallery}.npz in the part-feature format (SPEC §7) "
+                    "from a FEN checkpoint, with OAN visibility when --oan is given.")
+    _add_common(p)
+    p.add_argument("--fen", required=True, metavar="CKPT", help="FEN checkpoint (last.pt)")
+    p.add_argument("--oan", metavar="CKPT", help="OAN checkpoint; needs --mask-dir")
+    p.add_argument("--mask-dir", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--splits", nargs="+", choices=("train", "query", "gallery"),
+                   help="default: every non-empty split")
+    p.add_argument("--visibility", choices=("oan", "ones", "occluder"),
+                   help="default: oan with --oan, else ones")
+    p.add_argument("--occlude-prob", type=float, default=0.0,
+                   help="cover images of --occlude-splits with a synthetic occluder")
+    p.add_argument("--occlude-splits", nargs="+", default=["query"],
+                   choices=("train", "query", "gallery"))
+    p.add_argument("--height", type=int, default=384)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-amp", dest="amp", action="store_false")
+    p.set_defaults(func=_extract)
+
+
+def _masks(args) -> int:
+    from orgnn.reid.engine import resolve_device
+    from orgnn.reid.masks import build_mask_rcnn, write_masks
+
+    model = build_mask_rcnn(args.weights, args.pretrained, args.random_weights,
+                            args.min_size, args.max_size, args.score_thresh)
+    summary = write_masks(args.dataset_dir, args.out, model, resolve_device(args.device),
+                          args.batch_size, args.score_thresh, args.on_bad_image, args.progress)
+    print(f"masks -> {args.out}: {summary}")
+    return 0
+
+
+def _train(args, task: str) -> int:
+    from orgnn.reid.engine import TrainConfig, train
+
+    keys = ("dataset", "dataset_dir", "out", "mask_dir", "epochs", "lr", "milestones", "gamma",
+            "weight_decay", "P", "K", "batch_size", "height", "width", "flip_prob",
+            "erasing_prob", "occlude_prob", "tau", "margin", "label_smoothing", "arch", "pool",
+            "backbone_weights", "pretrained", "seed", "workers", "device", "amp", "resume",
+            "max_steps", "checkpoint_every", "on_bad_image", "progress")
+    cfg = TrainConfig(task=task, **{k: getattr(args, k) for k in keys if hasattr(args, k)})
+    result = train(cfg)
+    if result["rank"] != 0:  # torchrun: rank 0 reports
+        return 0
+    skipped = len(result["skipped"])
+    note = f", {skipped} unreadable image(s) skipped" if skipped else ""
+    print(f"{task.upper()} checkpoint -> {result['checkpoint']} ({result['steps']} steps, "
+          f"{result['images_per_s']:.1f} img/s{note})")
+    return 0
+
+
+def _train_fen(args) -> int:
+    return _train(args, "fen")
+
+
+def _train_oan(args) -> int:
+    return _train(args, "oan")
+
+
+def _extract(args) -> int:
+    from orgnn.reid.extract import extract
+
+    if args.oan and not args.mask_dir:
+        raise ValueError("--oan needs --mask-dir (the masks from `orgnn masks`)")
+    extract(args.dataset, args.dataset_dir, args.fen, args.out, args.oan, args.mask_dir,
+            args.splits, args.visibility, args.occlude_prob, args.occlude_splits, args.height,
+            args.width, args.batch_size, args.device, args.workers, args.seed,
+            args.on_bad_image, args.amp, args.progress)
+    return 0
