@@ -3,16 +3,16 @@
 One ``.npz`` archive per split (``train.npz``, ``query.npz``, ``gallery.npz``) in a directory.
 Each archive holds
 
-=================  ==========================  =============================================
-key                dtype                       shape / meaning
-=================  ==========================  =============================================
-``features``       float32 or float16          (N, M, D) part features
-``visibility``     float32, values in [0, 1]   (N, M); a part is visible when >= 0.5
-``pids``           int64                       (N,) identity labels
-``camids``         int64                       (N,) camera labels
-``paths``          str (optional)              (N,) image paths
-``clean_features`` like ``features`` (opt.)    (N, M, D) the same images without occluder
-=================  ==========================  =============================================
+====================  ==========================  ==========================================
+key                   dtype                       shape / meaning
+====================  ==========================  ==========================================
+``features``          float32 or float16          (N, M, D) part features
+``visibility``        float32, values in [0, 1]   (N, M); a part is visible when >= 0.5
+``pids``              int64                       (N,) identity labels
+``camids``            int64                       (N,) camera labels
+``paths``             str (optional)              (N,) image paths
+``clean_features``    like ``features`` (opt.)    (N, M, D) the same images without occluder
+====================  ==========================  ==========================================
 
 Files that break these rules are refused with a :class:`PartFeatureError` whose message names
 the file, the key and the problem. Archives are read with ``allow_pickle=False``. Integer
