@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_EPOCHS = 20
+DEFAULT_EPOCHS = 5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
