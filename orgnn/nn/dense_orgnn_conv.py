@@ -89,6 +89,7 @@ class DenseORGNNConv(torch.nn.Module):
             x = x.unsqueeze(0)
             mask = None if mask is None else mask.view(1, -1)
         batch_size, num_nodes, _ = x.shape
+        padded = mask is not None
         if mask is None:
             mask = torch.ones(batch_size, num_nodes, dtype=torch.bool, device=x.device)
         elif _checks.checks_enabled():
@@ -97,7 +98,11 @@ class DenseORGNNConv(torch.nn.Module):
         h, alpha = dense_orgnn_aggregate(
             x, mask, self.att.weight.view(-1), self.att.bias, outlier_aware=self.outlier_aware,
             add_self_loops=self.add_self_loops)
-        out = F.relu(self.lin(h)) * mask.unsqueeze(-1).to(x.dtype)
+        # In place where autograd allows: the linear layer's backward does not need its output.
+        out = F.relu(self.lin(h), inplace=True)
+        if padded:  # zero the padded rows (without a mask there are none)
+            keep = mask.unsqueeze(-1).to(x.dtype)
+            out = out * keep if torch.is_grad_enabled() else out.mul_(keep)
         if squeeze:
             out, alpha = out.squeeze(0), alpha.squeeze(0)
         return (out, alpha) if return_attention_weights else out

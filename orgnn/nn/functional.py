@@ -32,33 +32,42 @@ def _safe_cosine(dot: Tensor, sq_norm_a: Tensor, sq_norm_b: Tensor) -> Tensor:
     return dot / denom
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 # --------------------------------------------------------------------------------------
 # Dense rendering
 # --------------------------------------------------------------------------------------
-def dense_confidence(gram: Tensor, valid: Tensor) -> Tensor:
-    r"""Eq. 4 on padded complete graphs, from the Gram matrix alone.
+def dense_confidence(sq_norm: Tensor, dot_total: Tensor, valid: Tensor) -> Tensor:
+    r"""Eq. 4 on padded complete graphs, from two per-node scalars.
 
     .. math::
         c_j = \max\Big(0, \cos\big(\mathbf{x}_j, \textstyle\sum_{l \ne j} \mathbf{x}_l\big)\Big)
 
-    (the cosine to the mean equals the cosine to the sum). A node with no other valid node
-    gets :math:`c_j = 1`.
+    (the cosine to the mean equals the cosine to the sum). With :math:`\mathbf{T} =
+    \sum_l \mathbf{x}_l` over the valid nodes, :math:`\langle \mathbf{x}_j, \mathbf{T} -
+    \mathbf{x}_j\rangle = \langle \mathbf{x}_j, \mathbf{T}\rangle - |\mathbf{x}_j|^2` and
+    :math:`|\mathbf{T} - \mathbf{x}_j|^2 = |\mathbf{T}|^2 - 2\langle \mathbf{x}_j,
+    \mathbf{T}\rangle + |\mathbf{x}_j|^2`: two numbers per node, both read off the Gram
+    matrix :math:`G = XX^\top` (:math:`|\mathbf{x}_j|^2 = G_{jj}`, :math:`\langle
+    \mathbf{x}_j, \mathbf{T}\rangle = (G\,\mathrm{valid})_j`). A node with no other valid
+    node gets :math:`c_j = 1`.
 
     Args:
-        gram: ``(..., N, N)`` Gram matrix :math:`XX^\top`.
+        sq_norm: ``(..., N)`` squared norms :math:`|\mathbf{x}_j|^2`.
+        dot_total: ``(..., N)`` dot products :math:`\langle \mathbf{x}_j, \mathbf{T}\rangle`.
         valid: ``(..., N)`` float 0/1 node mask.
 
     Returns:
         ``(..., N)`` confidences in :math:`[0, 1]` (0 on padded nodes).
     """
-    sq_norm = gram.diagonal(dim1=-2, dim2=-1)                    # |x_j|^2
-    dot_total = (gram @ valid.unsqueeze(-1)).squeeze(-1)          # <x_j, T>, T = sum of valid x
     sq_total = (dot_total * valid).sum(-1, keepdim=True)          # |T|^2
     dot_others = dot_total - sq_norm                              # <x_j, T - x_j>
-    sq_others = sq_total - 2 * dot_total + sq_norm                # |T - x_j|^2
+    sq_others = (sq_total - dot_total) - dot_others               # |T - x_j|^2
     cos = _safe_cosine(dot_others, sq_norm, sq_others).clamp_min(0)
-    has_others = (valid.sum(-1, keepdim=True) - valid) > 0
-    return torch.where(has_others, cos, torch.ones_like(cos)) * valid
+    has_others = valid.sum(-1, keepdim=True) > valid              # another valid node exists
+    return torch.where(has_others, cos, 1.0) * valid
 
 
 def dense_orgnn_aggregate(
@@ -80,6 +89,11 @@ def dense_orgnn_aggregate(
     A zero denominator falls back to the plain mean over the neighbours; a node without any
     neighbour aggregates to zero.
 
+    The features are touched by three batched matrix products and one elementwise pass
+    (:math:`X \circ V`): :math:`P = (X \circ V) X^\top` for Eq. 6, :math:`G = XX^\top` for
+    Eq. 4 and :math:`\alpha X` for Eq. 5; everything else works on ``(..., R, N)`` weights
+    (about ten passes over them, each ``F / N`` times smaller than one over the features).
+
     Args:
         x: ``(..., N, F)`` node features.
         valid: ``(..., N)`` bool or 0/1 mask of real (non-padded) nodes.
@@ -98,35 +112,47 @@ def dense_orgnn_aggregate(
     num_nodes = x.size(-2)
     r = num_nodes if rows is None else rows
     x_t = x.transpose(-1, -2)
-    x_rows = x[..., :r, :]
 
     # Eq. 6 through the identity: logits_ij = s_i + s_j - 2 <V o x_i, x_j> + b.
-    vx_rows = x_rows * att_weight
-    cross = vx_rows @ x_t                                          # (..., R, N)
     if r == num_nodes:
+        vx = x * att_weight
+        cross = vx @ x_t                                           # (..., N, N)
         s = cross.diagonal(dim1=-2, dim2=-1)
-        s_rows = s
-    else:
-        s = ((x * att_weight) * x).sum(-1)                         # cheap: R << N only here
-        s_rows = s[..., :r]
-    logits = s_rows.unsqueeze(-1) + s.unsqueeze(-2) - 2 * cross + att_bias
-    affinity = torch.sigmoid(logits)
+    else:  # s needs every node's (x o V) . x: one batched dot product, no (x o V) o x
+        vx = x * att_weight
+        cross = vx[..., :r, :] @ x_t                               # (..., R, N)
+        s = torch.einsum("...f,...f->...", vx, x)                   # batched dots, no product
+    logits = s[..., :r].unsqueeze(-1) + (s.unsqueeze(-2) + att_bias)
+    affinity = torch.sigmoid(logits.add_(cross, alpha=-2))
 
     # Which (i, j) pairs carry a message: both valid, and j != i unless self-loops.
-    edge = valid[..., :r].unsqueeze(-1) * valid.unsqueeze(-2)
+    valid_rows = valid[..., :r]
+    edge = valid_rows.unsqueeze(-1) * valid.unsqueeze(-2)
     if not add_self_loops:
-        eye = torch.eye(r, num_nodes, dtype=x.dtype, device=x.device)
-        edge = edge * (1 - eye)
-
-    weight = affinity * edge
+        edge = edge.masked_fill(torch.eye(r, num_nodes, dtype=torch.bool, device=x.device), 0)
     if outlier_aware:
-        gram = x @ x_t
-        weight = weight * dense_confidence(gram, valid).unsqueeze(-2)
+        gram = x @ x_t                                             # (..., N, N)
+        sq_norm = gram.diagonal(dim1=-2, dim2=-1)                  # |x_j|^2
+        dot_total = (gram @ valid.unsqueeze(-1)).squeeze(-1)       # <x_j, T>
+        weight = edge * dense_confidence(sq_norm, dot_total, valid).unsqueeze(-2)
+        weight = weight * affinity
+    else:
+        weight = edge * affinity
 
+    # Normalise; a zero denominator falls back to the plain mean over the edges.
     denom = weight.sum(-1, keepdim=True)
-    degree = edge.sum(-1, keepdim=True)
-    uniform = edge / degree.clamp_min(1)
-    alpha = torch.where(denom > 0, weight / torch.where(denom > 0, denom, 1), uniform)
+    has_weight = denom > 0
+    num_valid = valid.sum(-1, keepdim=True)
+    degree = valid_rows * (num_valid if add_self_loops else num_valid - 1)   # (..., R)
+    fallback = (~has_weight) / degree.unsqueeze(-1).clamp_min(1)
+    alpha = torch.addcmul(weight * (has_weight / torch.where(has_weight, denom, 1)), edge,
+                          fallback)
+    reusable = vx.shape == x.shape and vx.dtype == x.dtype
+    if r == num_nodes and reusable and not torch.compiler.is_compiling() and \
+            not _needs_grad(x, att_weight, att_bias):
+        # Inference: X o V is dead by now, and its buffer is the size of the output; reusing
+        # it spares a fresh allocation (page faults) as large as the features.
+        return torch.matmul(alpha, x, out=vx), alpha
     return alpha @ x, alpha
 
 
@@ -138,10 +164,20 @@ def _expand_like(edge_values: Tensor, x: Tensor) -> Tensor:
     return edge_values.view(-1, *([1] * (x.dim() - 1)))
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products over the last axis as batched matrix products (no ``a * b``)."""
+    return torch.einsum("...f,...f->...", a, b)
+
+
 def sparse_confidence(x: Tensor, src: Tensor, dst: Tensor) -> Tensor:
     r"""Eq. 4 on a general graph: the cosine between :math:`\mathbf{x}_j` and the mean of the
     nodes that send messages to :math:`j` (self-loops excluded), clamped at 0; a node with no
     such sender gets 1.
+
+    The neighbour sum is the sum over all incoming edges minus the self-loops' share,
+    :math:`\sum_{l \to j,\, l \ne j} \mathbf{x}_l = \sum_{l \to j} \mathbf{x}_l -
+    n^{\circ}_j \mathbf{x}_j` (:math:`n^{\circ}_j` self-loops at :math:`j`), so no per-edge
+    feature tensor is masked.
 
     Args:
         x: ``(|V|, ..., F)`` node features.
@@ -151,12 +187,12 @@ def sparse_confidence(x: Tensor, src: Tensor, dst: Tensor) -> Tensor:
         ``(|V|, ...)`` confidences.
     """
     num_nodes = x.size(0)
-    not_self = (src != dst).to(x.dtype)
-    x_src = x.index_select(0, src)
-    nbr_sum = scatter(x_src * _expand_like(not_self, x), dst, dim=0, dim_size=num_nodes,
-                      reduce="sum")
-    nbr_count = scatter(not_self, dst, dim=0, dim_size=num_nodes, reduce="sum")
-    cos = _safe_cosine((x * nbr_sum).sum(-1), (x * x).sum(-1), (nbr_sum * nbr_sum).sum(-1))
+    is_self = (src == dst).to(x.dtype)
+    nbr_sum = scatter(x.index_select(0, src), dst, dim=0, dim_size=num_nodes, reduce="sum")
+    self_count = scatter(is_self, dst, dim=0, dim_size=num_nodes, reduce="sum")
+    nbr_sum = torch.addcmul(nbr_sum, _expand_like(self_count, x), x, value=-1)
+    nbr_count = scatter(1 - is_self, dst, dim=0, dim_size=num_nodes, reduce="sum")
+    cos = _safe_cosine(_dot(x, nbr_sum), _dot(x, x), _dot(nbr_sum, nbr_sum))
     has_others = _expand_like(nbr_count, cos) > 0
     return torch.where(has_others, cos.clamp_min(0), torch.ones_like(cos))
 
@@ -164,13 +200,22 @@ def sparse_confidence(x: Tensor, src: Tensor, dst: Tensor) -> Tensor:
 def sparse_affinity(x_i: Tensor, x_j: Tensor, att_weight: Tensor, att_bias: Tensor) -> Tensor:
     r"""Eq. 6 per edge: :math:`\sigma(V \cdot ((\mathbf{x}_i - \mathbf{x}_j)^{\circ 2}) + b)`.
 
+    One ``(|E|, ..., F)`` temporary (the difference, squared in place when no gradient is
+    needed); the product with :math:`V` is a matrix-vector product for a single part.
+
     Args:
         x_i, x_j: ``(|E|, ..., F)`` target and source features of each edge.
         att_weight: :math:`V`, broadcastable to ``(|E|, ..., F)``.
         att_bias: :math:`b`, broadcastable to ``(|E|, ...)``.
     """
     diff = x_i - x_j
-    return torch.sigmoid((diff * diff * att_weight).sum(-1) + att_bias)
+    inplace = not _needs_grad(x_i, x_j, att_weight)
+    sq = diff.mul_(diff) if inplace else diff * diff
+    if att_weight.dim() == 1:
+        logits = sq @ att_weight
+    else:
+        logits = (sq.mul_(att_weight) if inplace else sq * att_weight).sum(-1)
+    return torch.sigmoid(logits + att_bias)
 
 
 def sparse_normalise(weight: Tensor, dst: Tensor, num_nodes: int) -> Tensor:
