@@ -119,12 +119,19 @@ class ORGNNConv(MessagePassing):
             edge_index, _ = remove_self_loops(edge_index)
             edge_index, _ = add_self_loops_fn(edge_index, num_nodes=num_nodes)
 
+        # Two gathers of edge features in all: x_j (shared by Eq. 4, Eq. 6 and the messages)
+        # and x_i (Eq. 6).
+        src, dst = edge_index[0], edge_index[1]
+        x_j = x.index_select(0, src)
         if self.outlier_aware:
-            confidence = sparse_confidence(x, edge_index[0], edge_index[1])
+            confidence = sparse_confidence(x, src, dst, x_src=x_j)
         else:
             confidence = x.new_ones(num_nodes)
-        alpha = self.edge_updater(edge_index, x=x, c=confidence, size=size)
-        out = self.propagate(edge_index, x=x, alpha=alpha, size=size)
+        affinity = sparse_affinity(x.index_select(0, dst), x_j, self.att.weight.view(-1),
+                                   self.att.bias)
+        alpha = sparse_normalise(confidence.index_select(0, src) * affinity, dst, num_nodes)
+        out = self.propagate(edge_index, source=x_j, alpha=alpha,
+                             size=size if size is not None else (num_nodes, num_nodes))
         out = F.relu(self.lin(out))
 
         if return_attention_weights:
@@ -133,14 +140,9 @@ class ORGNNConv(MessagePassing):
             return out, (edge_index, alpha)
         return out
 
-    def edge_update(self, x_i: Tensor, x_j: Tensor, c_j: Tensor, index: Tensor,
-                    dim_size: int | None) -> Tensor:
-        affinity = sparse_affinity(x_i, x_j, self.att.weight.view(-1), self.att.bias)
-        num_nodes = dim_size if dim_size is not None else int(index.max()) + 1
-        return sparse_normalise(c_j * affinity, index, num_nodes)
-
-    def message(self, x_j: Tensor, alpha: Tensor) -> Tensor:
-        return alpha.unsqueeze(-1) * x_j
+    def message(self, source: Tensor, alpha: Tensor) -> Tensor:
+        # ``source`` is x_j, gathered once in forward and passed edge-level.
+        return alpha.unsqueeze(-1) * source
 
     def __repr__(self) -> str:
         extra = "" if self.outlier_aware else ", outlier_aware=False"
