@@ -399,11 +399,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=8)
     fig.suptitle("OR-GNN layer vs PyG layers on batched complete graphs (F=256)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    _common.save_figure(fig, path)
 
 
 def profile(b: int, n: int, f: int, device: torch.device, names: list[str],

@@ -250,11 +250,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("seconds")
     ax.set_title("Reconstruction pipeline per stage (untrained OR-GNN, exact search)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    _common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

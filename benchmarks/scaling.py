@@ -239,11 +239,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     recalls = ", ".join(f"{r['gallery']:.0e}: {r['ivf_recall']:.2f}" for r in rows
                         if "ivf_recall" in r)
     fig.suptitle(f"Cost vs gallery size (IVF recall {recalls})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    _common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
