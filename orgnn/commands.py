@@ -176,7 +176,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     model, _ = load_checkpoint(args.checkpoint)
     splits = load_split_dir(args.data, splits=("query", "gallery"))
-    query, gallery = splits["query"], splits["gallery"]
+    gallery = splits["gallery"]
     cfg = SearchConfig(k=args.k, theta=args.theta, mode=args.mode, index=args.index)
     out = {}
     for name, target in splits.items():
@@ -186,7 +186,6 @@ def _reconstruct(args: argparse.Namespace) -> int:
                                  target.camids, target.paths)
         print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours")
     save_split_dir(args.out, out)
-    del query
     print(f"wrote {args.out}/query.npz and {args.out}/gallery.npz")
     return 0
 

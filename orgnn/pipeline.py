@@ -10,7 +10,8 @@ with :math:`S_a` all parts, or (rows marked "+OAN") only the parts visible in :m
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,21 +142,18 @@ class AblationResult:
 
 
 class _Timer:
+    """Accumulates wall time per stage name: ``with timer("search"): ...``."""
+
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
 
-    def __call__(self, name: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self_inner):
-                self_inner.start = time.perf_counter()
-
-            def __exit__(self_inner, *exc):
-                timer.timings[name] = timer.timings.get(name, 0.0) + (
-                    time.perf_counter() - self_inner.start)
-
-        return _Span()
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _percent(result: dict) -> dict[str, float]:
