@@ -91,8 +91,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     print(f"neighbourhoods (K={search.k}, theta={search.theta}, {search.mode}): "
           f"{q_nbrs.num_empty} of {len(query)} queries and {g_nbrs.num_empty} of "
           f"{len(gallery)} gallery images have none (they are reconstructed from themselves)")
-    q_rec = reconstruct(model, query.features, gallery.features, q_nbrs)
-    g_rec = reconstruct(model, gallery.features, gallery.features, g_nbrs)
+    q_rec = reconstruct(model, query.features, gallery.features, q_nbrs,
+                        target_visibility=query.visibility)
+    g_rec = reconstruct(model, gallery.features, gallery.features, g_nbrs,
+                        target_visibility=gallery.visibility)
     q_avg = average_reconstruct(query.features, gallery.features, q_nbrs)
     g_avg = average_reconstruct(gallery.features, gallery.features, g_nbrs)
 

@@ -79,7 +79,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-k", type=int, default=30, help="training neighbourhood K (30)")
     g.add_argument("--train-theta", type=float, default=0.7, help="training theta (0.7)")
     g.add_argument("--init", default="identity", choices=["identity", "glorot"])
-    g.add_argument("--target-init", default="mean", choices=["mean", "self"])
+    g.add_argument("--target-init", default="visible",
+                   choices=["visible", "mean", "self"],
+                   help="how the target node starts: its visible parts with the hidden ones "
+                        "from the neighbours' mean (default, measured best), the neighbours' "
+                        "mean (the paper) or its own feature")
     g.add_argument("--recon-weight", type=float, default=0.0,
                    help="weight of the reconstruction loss (needs clean_features)")
     g.add_argument("--seed", type=int, default=0)
@@ -181,7 +185,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     out = {}
     for name, target in splits.items():
         nbrs = search_split(target, gallery, cfg, same_split=name == "gallery")
-        feats = reconstruct(model, target.features, gallery.features, nbrs, progress=True)
+        feats = reconstruct(model, target.features, gallery.features, nbrs, progress=True,
+                            target_visibility=target.visibility)
         out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32), target.pids,
                                  target.camids, target.paths)
         print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours")

@@ -74,27 +74,37 @@ def oan_parts(visible: np.ndarray) -> np.ndarray:
 # Reconstruction
 # --------------------------------------------------------------------------------------
 def _batched(target: np.ndarray, gallery: np.ndarray, index: np.ndarray, batch_size: int,
-             fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-             device: str | torch.device, desc: str, progress: bool) -> np.ndarray:
+             fn: Callable[..., torch.Tensor], device: str | torch.device, desc: str,
+             progress: bool, target_visible: np.ndarray | None = None) -> np.ndarray:
     chunks = []
     starts = range(0, target.shape[0], batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, unit="batch", leave=False):
         sl = slice(start, start + batch_size)
         x, mask = dense_neighbourhood_batch(target[sl], gallery, index[sl], device)
-        chunks.append(fn(x, mask).float().cpu().numpy())
+        extra = {} if target_visible is None else {
+            "target_visible": torch.as_tensor(np.asarray(target_visible[sl]) >= 0.5,
+                                              device=x.device)}
+        chunks.append(fn(x, mask, **extra).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.empty((0,) + target.shape[1:], np.float32)
 
 
 @torch.inference_mode()
 def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
                 neighbourhoods: Neighbourhoods | np.ndarray, batch_size: int = 2048,
-                device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
+                device: str | torch.device = "cpu", progress: bool = False,
+                target_visibility: np.ndarray | None = None) -> np.ndarray:
     """Reconstruct ``target`` ``(N, M, D)`` from its neighbours in ``gallery`` with the
-    OR-GNN, streaming ``batch_size`` graphs at a time. Returns ``(N, M, F)`` float32."""
+    OR-GNN, streaming ``batch_size`` graphs at a time. Returns ``(N, M, F)`` float32.
+    ``target_visibility`` ``(N, M)`` is needed by models with ``target_init="visible"``."""
     index = getattr(neighbourhoods, "index", neighbourhoods)
     model = model.to(device).eval()
+    if model.target_init != "visible":
+        target_visibility = None
+    elif target_visibility is None:
+        raise ValueError("this OR-GNN starts its targets from their visible parts "
+                         "(target_init='visible'): pass target_visibility")
     return _batched(target, gallery, index, batch_size, model, device, "reconstruct",
-                    progress)
+                    progress, target_visibility)
 
 
 @torch.inference_mode()
@@ -214,11 +224,16 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
                 models[key] = train_orgnn(splits["train"], cfg, progress=progress)
         return models[key]
 
-    def run_model(model: ORGNN, q_nbrs: Neighbourhoods, g_nbrs: Neighbourhoods):
+    def run_model(model: ORGNN, q_nbrs: Neighbourhoods, g_nbrs: Neighbourhoods,
+                  use_oan: bool = True):
+        # Without OAN (the `gnn` row) no part counts as visible: targets start as the mean.
+        q_vis, g_vis = ((query.visibility, gallery.visibility) if use_oan else
+                        (np.zeros_like(query.visibility), np.zeros_like(gallery.visibility)))
         with timer("reconstruct"):
-            q = reconstruct(model, query.features, gallery.features, q_nbrs, config.batch_size)
+            q = reconstruct(model, query.features, gallery.features, q_nbrs, config.batch_size,
+                            target_visibility=q_vis)
             g = reconstruct(model, gallery.features, gallery.features, g_nbrs,
-                            config.batch_size)
+                            config.batch_size, target_visibility=g_vis)
         return q, g
 
     if {"baseline", "baseline_rr"} & set(rows):
@@ -253,7 +268,7 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
             g_all = search_split(gallery, gallery, config.search, same_split=True,
                                  all_parts=True)
         empty["query_all_parts"] = q_all.num_empty
-        score("gnn", *run_model(model_for(True), q_all, g_all))
+        score("gnn", *run_model(model_for(True), q_all, g_all, use_oan=False))
 
     ordered = {name: results[name] for name in ABLATION_ROWS if name in results}
     timings = {k: round(v, 3) for k, v in timer.timings.items()}

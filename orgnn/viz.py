@@ -183,14 +183,19 @@ def row_distances(query: PartFeatures, gallery: PartFeatures, rows: Sequence[str
                          g_nbrs.filter(_same_identity(g_nbrs, gallery.pids, gallery.pids))))
         for name, key, qn, gn in runs:
             model = model_for(key)
-            add(name, reconstruct(model, query.features, gallery.features, qn),
-                reconstruct(model, gallery.features, gallery.features, gn))
+            add(name, reconstruct(model, query.features, gallery.features, qn,
+                                  target_visibility=query.visibility),
+                reconstruct(model, gallery.features, gallery.features, gn,
+                            target_visibility=gallery.visibility))
     if "gnn" in wanted:
         model = model_for("orgnn")
         qn = search_split(query, gallery, search, same_split=False, all_parts=True)
         gn = search_split(gallery, gallery, search, same_split=True, all_parts=True)
-        add("gnn", reconstruct(model, query.features, gallery.features, qn),
-            reconstruct(model, gallery.features, gallery.features, gn))
+        hidden_q, hidden_g = np.zeros_like(query.visibility), np.zeros_like(gallery.visibility)
+        add("gnn", reconstruct(model, query.features, gallery.features, qn,
+                               target_visibility=hidden_q),       # no OAN: nothing visible
+            reconstruct(model, gallery.features, gallery.features, gn,
+                        target_visibility=hidden_g))
     return {name: out[name] for name in rows}
 
 
@@ -440,8 +445,11 @@ def plot_graph(out: str | os.PathLike, query: PartFeatures, gallery: PartFeature
     n = int(mask.sum())
     x, mask = x[:, :n].clone(), mask[:n]
     empty = nbrs.num_empty == 1
-    if model.target_init == "mean" and n > 1:
-        x[:, 0] = x[:, 1:].mean(1)
+    if model.target_init != "self" and n > 1:  # start the target as the model does
+        hidden = torch.ones(x.size(0), dtype=torch.bool)
+        if model.target_init == "visible":
+            hidden = torch.as_tensor(~target.visible[0])
+        x[hidden, 0] = x[hidden, 1:].mean(1)
     weights = graph_weights(model, x, mask)
     if empty:  # the model saw the image as its own only neighbour; draw the image alone
         n = 1

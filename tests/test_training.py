@@ -9,6 +9,7 @@ from orgnn.datasets import synthetic_preset
 from orgnn.training import (
     CheckpointError,
     TrainConfig,
+    TrainingDivergedError,
     load_checkpoint,
     pk_batches,
     save_checkpoint,
@@ -127,3 +128,10 @@ def test_fixed_transform_learns_only_the_outlier_module(tiny):
                                    .expand_as(layer.weight))
         assert layer.bias.abs().sum() == 0
     assert any(layer.att_weight.abs().sum() > 0 for layer in model.layers)
+
+
+def test_diverging_training_stops_with_a_clear_error(tiny):
+    with pytest.raises(TrainingDivergedError, match="diverged in epoch .* learning rate"):
+        train_orgnn(tiny["train"], TrainConfig(epochs=3, lr=1e12, weight_decay=0),
+                    progress=False)
+

@@ -24,6 +24,25 @@ from torch_geometric.utils import scatter
 
 # Squared norms below this count as zero (cosine 0, not NaN).
 _EPS = 1e-12
+# A sum of confidence x relative-affinity weights below this counts as zero (plain mean).
+_MIN_DENOM = 1e-12
+
+
+def _relative_affinity(logits: Tensor, edge: Tensor, dim: int = -1,
+                       group_max: Tensor | None = None) -> Tensor:
+    r""":math:`a_{ij} / \max_{j'} a_{ij'}` over the edges, computed as
+    :math:`\exp(\log\sigma(l_{ij}) - \max_{j'} \log\sigma(l_{ij'}))` (0 off the edges).
+
+    Eq. 5 divides by the sum of the weights, so scaling a row by a constant changes nothing;
+    in this form the largest affinity of each row is exactly 1, and the row cannot underflow
+    to 0 (or to denormals, whose reciprocal overflows) however large :math:`|V \cdot d^2|`
+    grows. The shift is a constant for autograd (it cancels in the fraction).
+    """
+    log_a = torch.nn.functional.logsigmoid(logits).masked_fill(~edge, float("-inf"))
+    if group_max is None:
+        group_max = log_a.detach().amax(dim, keepdim=True)
+    shift = torch.where(torch.isfinite(group_max), group_max, 0.0)
+    return torch.exp(log_a - shift)
 
 
 def _safe_cosine(dot: Tensor, sq_norm_a: Tensor, sq_norm_b: Tensor) -> Tensor:
@@ -123,25 +142,27 @@ def dense_orgnn_aggregate(
         cross = vx[..., :r, :] @ x_t                               # (..., R, N)
         s = torch.einsum("...f,...f->...", vx, x)                   # batched dots, no product
     logits = s[..., :r].unsqueeze(-1) + (s.unsqueeze(-2) + att_bias)
-    affinity = torch.sigmoid(logits.add_(cross, alpha=-2))
+    logits = logits.add_(cross, alpha=-2)
 
     # Which (i, j) pairs carry a message: both valid, and j != i unless self-loops.
     valid_rows = valid[..., :r]
     edge = valid_rows.unsqueeze(-1) * valid.unsqueeze(-2)
     if not add_self_loops:
         edge = edge.masked_fill(torch.eye(r, num_nodes, dtype=torch.bool, device=x.device), 0)
+    # a_ij / max_j a_ij, from log-sigmoids: the fraction of Eq. 5 is unchanged, and it stays
+    # finite when every sigmoid underflows (large |V| on large features).
+    affinity = _relative_affinity(logits, edge > 0, dim=-1)
     if outlier_aware:
         gram = x @ x_t                                             # (..., N, N)
         sq_norm = gram.diagonal(dim1=-2, dim2=-1)                  # |x_j|^2
         dot_total = (gram @ valid.unsqueeze(-1)).squeeze(-1)       # <x_j, T>
-        weight = edge * dense_confidence(sq_norm, dot_total, valid).unsqueeze(-2)
-        weight = weight * affinity
+        weight = affinity * dense_confidence(sq_norm, dot_total, valid).unsqueeze(-2)
     else:
-        weight = edge * affinity
+        weight = affinity
 
-    # Normalise; a zero denominator falls back to the plain mean over the edges.
+    # Normalise; a (numerically) zero denominator falls back to the plain mean over the edges.
     denom = weight.sum(-1, keepdim=True)
-    has_weight = denom > 0
+    has_weight = denom > _MIN_DENOM
     num_valid = valid.sum(-1, keepdim=True)
     degree = valid_rows * (num_valid if add_self_loops else num_valid - 1)   # (..., R)
     fallback = (~has_weight) / degree.unsqueeze(-1).clamp_min(1)
@@ -203,6 +224,7 @@ def sparse_confidence(x: Tensor, src: Tensor, dst: Tensor,
 
 def sparse_affinity(x_i: Tensor, x_j: Tensor, att_weight: Tensor, att_bias: Tensor) -> Tensor:
     r"""Eq. 6 per edge: :math:`\sigma(V \cdot ((\mathbf{x}_i - \mathbf{x}_j)^{\circ 2}) + b)`.
+    (:func:`sparse_edge_weights` takes the logits, :func:`sparse_affinity_logits`.)
 
     One ``(|E|, ..., F)`` temporary (the difference, squared in place when no gradient is
     needed); the product with :math:`V` is a matrix-vector product for a single part.
@@ -212,6 +234,13 @@ def sparse_affinity(x_i: Tensor, x_j: Tensor, att_weight: Tensor, att_bias: Tens
         att_weight: :math:`V`, broadcastable to ``(|E|, ..., F)``.
         att_bias: :math:`b`, broadcastable to ``(|E|, ...)``.
     """
+    return torch.sigmoid(sparse_affinity_logits(x_i, x_j, att_weight, att_bias))
+
+
+def sparse_affinity_logits(x_i: Tensor, x_j: Tensor, att_weight: Tensor,
+                           att_bias: Tensor) -> Tensor:
+    r"""The logits of Eq. 6 per edge, :math:`V \cdot ((\mathbf{x}_i - \mathbf{x}_j)^{\circ 2})
+    + b`, with the arguments of :func:`sparse_affinity`."""
     diff = x_i - x_j
     inplace = not _needs_grad(x_i, x_j, att_weight)
     sq = diff.mul_(diff) if inplace else diff * diff
@@ -219,12 +248,32 @@ def sparse_affinity(x_i: Tensor, x_j: Tensor, att_weight: Tensor, att_bias: Tens
         logits = sq @ att_weight
     else:
         logits = (sq.mul_(att_weight) if inplace else sq * att_weight).sum(-1)
-    return torch.sigmoid(logits + att_bias)
+    return logits + att_bias
+
+
+def sparse_edge_weights(confidence_src: Tensor, logits: Tensor, dst: Tensor,
+                        num_nodes: int) -> Tensor:
+    r"""The normalised weights of Eq. 5 per edge, :math:`c_j a_{ij} / \sum_{j'} c_{j'}
+    a_{ij'}`, from the confidences of the edges' sources and the affinity logits
+    (:func:`sparse_affinity_logits`). The affinities enter relative to each target's largest
+    one, as in the dense rendering, so the weights stay finite for any logits.
+
+    Args:
+        confidence_src: ``(|E|, ...)`` :math:`c_j` of each edge's source.
+        logits: ``(|E|, ...)`` affinity logits.
+        dst: ``(|E|,)`` target node of each edge.
+        num_nodes: number of target nodes.
+    """
+    log_a = torch.nn.functional.logsigmoid(logits)
+    group_max = scatter(log_a.detach(), dst, dim=0, dim_size=num_nodes, reduce="max")
+    shift = group_max.index_select(0, dst)
+    affinity = torch.exp(log_a - torch.where(torch.isfinite(shift), shift, 0.0))
+    return sparse_normalise(confidence_src * affinity, dst, num_nodes)
 
 
 def sparse_normalise(weight: Tensor, dst: Tensor, num_nodes: int) -> Tensor:
     r"""Normalise edge weights per target node (the fraction in Eq. 5); a target whose weights
-    sum to zero gets the plain mean over its incoming edges.
+    sum to (numerically) zero gets the plain mean over its incoming edges.
 
     Args:
         weight: ``(|E|, ...)`` non-negative :math:`c_j a_{ij}`.
@@ -234,5 +283,6 @@ def sparse_normalise(weight: Tensor, dst: Tensor, num_nodes: int) -> Tensor:
     denom = scatter(weight, dst, dim=0, dim_size=num_nodes, reduce="sum").index_select(0, dst)
     ones = torch.ones_like(weight)
     degree = scatter(ones, dst, dim=0, dim_size=num_nodes, reduce="sum").index_select(0, dst)
-    safe = torch.where(denom > 0, denom, ones)
-    return torch.where(denom > 0, weight / safe, ones / degree)
+    has_weight = denom > _MIN_DENOM
+    safe = torch.where(has_weight, denom, ones)
+    return torch.where(has_weight, weight / safe, ones / degree)

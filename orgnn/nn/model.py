@@ -12,13 +12,13 @@ from orgnn.nn import _checks
 from orgnn.nn.dense_orgnn_conv import DenseORGNNConv
 from orgnn.nn.functional import (
     dense_orgnn_aggregate,
-    sparse_affinity,
+    sparse_affinity_logits,
     sparse_confidence,
-    sparse_normalise,
+    sparse_edge_weights,
 )
 
 INITS = ("identity", "glorot")
-TARGET_INITS = ("mean", "self")
+TARGET_INITS = ("mean", "self", "visible")
 
 
 class PartwiseORGNNConv(torch.nn.Module):
@@ -106,8 +106,9 @@ class PartwiseORGNNConv(torch.nn.Module):
         else:
             confidence = x.new_ones(x.shape[:-1])
         x_src = x.index_select(0, src)
-        affinity = sparse_affinity(x.index_select(0, dst), x_src, self.att_weight, self.att_bias)
-        alpha = sparse_normalise(confidence.index_select(0, src) * affinity, dst, num_nodes)
+        logits = sparse_affinity_logits(x.index_select(0, dst), x_src, self.att_weight,
+                                        self.att_bias)
+        alpha = sparse_edge_weights(confidence.index_select(0, src), logits, dst, num_nodes)
         h = scatter(alpha.unsqueeze(-1) * x_src, dst, dim=0, dim_size=num_nodes, reduce="sum")
         if rows is not None:
             h = h.index_select(0, rows)
@@ -188,13 +189,20 @@ class ORGNN(torch.nn.Module):
             self.classifier = torch.nn.Parameter(
                 torch.randn(num_parts, num_classes, hidden_channels) * 1e-3)
 
-    def forward(self, x: Tensor | Batch, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor | Batch, mask: Tensor | None = None,
+                target_visible: Tensor | None = None) -> Tensor:
+        if self.target_init == "visible" and target_visible is None:
+            target_visible = getattr(x, "target_visible", None) if isinstance(x, Data) else None
+            if target_visible is None:
+                raise ValueError("ORGNN(target_init='visible') needs target_visible, the (B, M) "
+                                 "bool visibility of each graph's target")
         if isinstance(x, Data):
-            return self._forward_sparse(x)
-        return self._forward_dense(x, mask)
+            return self._forward_sparse(x, target_visible)
+        return self._forward_dense(x, mask, target_visible)
 
     # ----------------------------------------------------------------------------------
-    def _forward_dense(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def _forward_dense(self, x: Tensor, mask: Tensor | None,
+                       target_visible: Tensor | None = None) -> Tensor:
         if _checks.checks_enabled():
             _checks.check_features(x, self.in_channels, "ORGNN", rank=(4,))
             if x.size(1) != self.num_parts:
@@ -212,9 +220,13 @@ class ORGNN(torch.nn.Module):
         # (M, B, N, F); free when x is a transposed view of an (M, B, N, F) buffer, as the
         # batches of orgnn.graphs are.
         h = x.transpose(0, 1)
-        if self.target_init == "mean":
+        if self.target_init != "self":
             h = h.clone(memory_format=torch.contiguous_format)
-            h[:, :, 0] = self._neighbour_mean(h, valid)
+            mean = self._neighbour_mean(h, valid)
+            if self.target_init == "visible":
+                keep = target_visible.to(torch.bool).transpose(0, 1).unsqueeze(-1)  # (M, B, 1)
+                mean = torch.where(keep, h[:, :, 0], mean)
+            h[:, :, 0] = mean
         for layer in self.layers[:-1]:
             h = layer.dense(h, valid, zero_padded=False)
         out = self.layers[-1].dense(h, valid, rows=1)                 # target row only
@@ -228,7 +240,7 @@ class ORGNN(torch.nn.Module):
         mean = (weights @ h[:, :, 1:]).squeeze(-2) / count.clamp_min(1)
         return torch.where(count > 0, mean, h[:, :, 0])
 
-    def _forward_sparse(self, batch: Data) -> Tensor:
+    def _forward_sparse(self, batch: Data, target_visible: Tensor | None = None) -> Tensor:
         x, edge_index = batch.x, batch.edge_index
         if _checks.checks_enabled():
             _checks.check_features(x, self.in_channels, "ORGNN", rank=(3,))
@@ -240,11 +252,13 @@ class ORGNN(torch.nn.Module):
         else:
             node_batch = batch.batch
         targets = ptr[:-1]
-        if self.target_init == "mean":
+        if self.target_init != "self":
             totals = scatter(x, node_batch, dim=0, dim_size=targets.numel(), reduce="sum")
             counts = (ptr[1:] - ptr[:-1] - 1).view(-1, 1, 1).to(x.dtype)
             own = x.index_select(0, targets)
             mean = torch.where(counts > 0, (totals - own) / counts.clamp_min(1), own)
+            if self.target_init == "visible":
+                mean = torch.where(target_visible.to(torch.bool).unsqueeze(-1), own, mean)
             x = x.index_copy(0, targets, mean)
         for layer in self.layers[:-1]:
             x = layer.sparse(x, edge_index)

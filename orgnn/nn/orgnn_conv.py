@@ -10,7 +10,7 @@ from torch_geometric.utils import is_torch_sparse_tensor, remove_self_loops, to_
 from torch_geometric.utils.sparse import set_sparse_value
 
 from orgnn.nn import _checks
-from orgnn.nn.functional import sparse_affinity, sparse_confidence, sparse_normalise
+from orgnn.nn.functional import sparse_affinity_logits, sparse_confidence, sparse_edge_weights
 
 
 class ORGNNConv(MessagePassing):
@@ -127,9 +127,9 @@ class ORGNNConv(MessagePassing):
             confidence = sparse_confidence(x, src, dst, x_src=x_j)
         else:
             confidence = x.new_ones(num_nodes)
-        affinity = sparse_affinity(x.index_select(0, dst), x_j, self.att.weight.view(-1),
-                                   self.att.bias)
-        alpha = sparse_normalise(confidence.index_select(0, src) * affinity, dst, num_nodes)
+        logits = sparse_affinity_logits(x.index_select(0, dst), x_j, self.att.weight.view(-1),
+                                        self.att.bias)
+        alpha = sparse_edge_weights(confidence.index_select(0, src), logits, dst, num_nodes)
         out = self.propagate(edge_index, source=x_j, alpha=alpha,
                              size=size if size is not None else (num_nodes, num_nodes))
         out = F.relu(self.lin(out))

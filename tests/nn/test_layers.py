@@ -165,6 +165,34 @@ def test_degenerate_inputs_give_finite_outputs(case):
         torch.testing.assert_close(out, torch.relu(sparse.lin(x)))
 
 
+def test_saturated_affinities_match_float64_reference_with_finite_gradients():
+    # V . d^2 of -60 to -660: every float32 sigmoid underflows (to 0 or a denormal whose
+    # reciprocal overflows), so a naive c * sigmoid / sum gives NaN or the plain-mean
+    # fallback. The float64 loop reference still resolves the weights (e^-600 ~ 1e-261).
+    sizes = [5, 3, 8]
+    graphs64 = [g * 12 for g in _graphs(sizes, 6, dtype=torch.float64)]
+    sparse = _random_conv(ORGNNConv, 6, 4)
+    with torch.no_grad():
+        sparse.att.weight.fill_(-2.0)
+        sparse.att.bias.fill_(0.0)
+    ref = torch.cat([orgnn_layer_loop(g, *(p.double() for p in _params(sparse)))
+                     for g in graphs64])
+    logits = [-2.0 * torch.cdist(g, g).square() for g in graphs64]
+    off_diagonal = torch.cat([l[~torch.eye(len(l), dtype=torch.bool)] for l in logits])
+    assert -700 < off_diagonal.min() and off_diagonal.max() < -50
+    dense = DenseORGNNConv(6, 4)
+    dense.load_state_dict(sparse.state_dict())
+    graphs = [g.float().requires_grad_() for g in graphs64]
+    x, mask = pad(graphs)
+    out_sparse = sparse(torch.cat(graphs), complete_edge_index(sizes))
+    out_dense = dense(x, mask)[mask]
+    for out in (out_sparse, out_dense):
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+        grads = torch.autograd.grad(out.square().sum(), [*graphs, *_params(sparse)],
+                                    allow_unused=True)
+        assert all(torch.isfinite(g).all() for g in grads if g is not None)
+
+
 def test_return_attention_weights_and_other_adjacency_forms():
     conv = _random_conv(ORGNNConv, 8, 8)
     graphs = _graphs([4, 3], 8)

@@ -32,14 +32,20 @@ def _batch(seed=1):
     return x, mask
 
 
-def _reference(model, x, mask):
-    """Per graph and per part: T loop layers, target initialised as the neighbours' mean."""
+VISIBLE = torch.tensor([[True, False, True], [False, False, False], [True, True, True],
+                        [False, True, False]])
+
+
+def _reference(model, x, mask, target_visible=None):
+    """Per graph and per part: T loop layers, the target initialised as the neighbours' mean
+    (for "visible": only where the target's part is hidden)."""
     out = torch.zeros(x.shape[0], x.shape[1], model.hidden_channels)
     for b in range(x.shape[0]):
         n = int(mask[b].sum())
         for k in range(x.shape[1]):
             h = x[b, k, :n].clone()
-            if model.target_init == "mean":
+            hidden = model.target_init == "visible" and not target_visible[b, k]
+            if model.target_init == "mean" or hidden:
                 h[0] = h[1:].mean(0)
             for layer in model.layers:
                 conv = layer.part(k)
@@ -56,26 +62,41 @@ def test_repr_and_defaults():
     assert model.target_init == "mean" and model.init == "identity"
 
 
-@pytest.mark.parametrize("target_init", ["mean", "self"])
+@pytest.mark.parametrize("target_init", ["mean", "self", "visible"])
 @pytest.mark.parametrize("outlier_aware", [True, False])
 def test_dense_forward_equals_per_part_loop(target_init, outlier_aware):
     model = _model(target_init=target_init, outlier_aware=outlier_aware)
     x, mask = _batch()
-    out = model(x, mask)
+    out = model(x, mask, target_visible=VISIBLE)
     assert out.shape == (4, 3, 8)
-    torch.testing.assert_close(out, _reference(model, x, mask), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, _reference(model, x, mask, VISIBLE), atol=1e-5, rtol=1e-4)
 
 
-def test_batch_input_equals_dense_input():
-    model = _model()
+def test_visible_target_init_interpolates_mean_and_self():
+    x, mask = _batch()
+    outs = {init: _model(target_init=init)(x, mask) for init in ("mean", "self")}
+    visible = _model(target_init="visible")
+    torch.testing.assert_close(visible(x, mask, torch.ones(4, 3, dtype=torch.bool)),
+                               outs["self"])
+    torch.testing.assert_close(visible(x, mask, torch.zeros(4, 3, dtype=torch.bool)),
+                               outs["mean"])
+    assert not torch.allclose(outs["self"], outs["mean"])
+    with pytest.raises(ValueError, match="target_visible"):
+        visible(x, mask)
+
+
+@pytest.mark.parametrize("target_init", ["mean", "visible"])
+def test_batch_input_equals_dense_input(target_init):
+    model = _model(target_init=target_init)
     x, mask = _batch()
     graphs = [Data(x=x[b, :, : int(mask[b].sum())].transpose(0, 1).contiguous(),
-                   edge_index=complete_edge_index([int(mask[b].sum())]))
+                   edge_index=complete_edge_index([int(mask[b].sum())]),
+                   target_visible=VISIBLE[b:b + 1])
               for b in range(x.shape[0])]
     out_sparse = model(Batch.from_data_list(graphs))
-    torch.testing.assert_close(out_sparse, model(x, mask), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(model(graphs[0])[0], model(x[:1], mask[:1])[0], atol=1e-5,
-                               rtol=1e-4)
+    torch.testing.assert_close(out_sparse, model(x, mask, VISIBLE), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model(graphs[0])[0], model(x[:1], mask[:1], VISIBLE[:1])[0],
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_part_layer_equals_dense_and_sparse_conv():
