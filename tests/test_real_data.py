@@ -36,3 +36,27 @@ def test_orgnn_recovers_the_clean_map(mars):
     assert result.empty_neighbourhoods["query"] == 0
     assert result.rows["orgnn"]["mAP"] >= 60.2                  # the clean baseline's mAP
     assert result.rows["orgnn"]["mAP"] >= result.rows["avg"]["mAP"] - 0.5
+
+
+def test_other_protocols_are_built_as_documented(mars):
+    import sys
+
+    from tests.conftest import shared_data_dir
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
+                           / "benchmarks"))
+    from real_protocols import protocols
+
+    built = protocols(shared_data_dir() / "mini-mars-parts")
+    assert set(built) == {"occluded-duke", "occluded-reid", "occluded-gallery", "swapped"}
+    for name, splits in built.items():
+        assert (splits["query"].visibility < 1).any(1).all(), name      # every query occluded
+        assert not set(splits["query"].paths) & set(splits["gallery"].paths), name
+    assert (built["occluded-reid"]["gallery"].visibility == 1).all()
+    occluded = (built["occluded-gallery"]["gallery"].visibility < 1).any(1).mean()
+    assert 0.4 < occluded < 0.6
+    swapped = built["swapped"]
+    assert set(swapped["train"].pids) == set(mars["occluded"]["query"].pids)
+    assert set(swapped["query"].pids) == set(swapped["gallery"].pids) \
+        == set(mars["occluded"]["train"].pids)
+    assert (swapped["query"].camids == 0).all() and (swapped["gallery"].camids == 1).all()
