@@ -99,11 +99,23 @@ def test_ablation_ordering_on_synthetic_world(demo_ablation):
         assert 0 <= row["mINP"] <= row["mAP"] <= 100 and row["rank1"] <= row["rank5"]
 
 
-@pytest.mark.xfail(strict=False, reason="measured: Eq. 7 training on 30 synthetic training "
-                   "identities does not beat plain averaging (docs/results.md)")
+@pytest.mark.xfail(strict=False, reason="measured: the trained OR-GNN stays below plain "
+                   "averaging on the synthetic worlds (seed 0: 71.3 vs 71.7 mAP; mean of seeds "
+                   "0-7: -0.55); see docs/results.md")
 def test_trained_orgnn_beats_averaging_on_synthetic_world(demo_ablation):
     m = {name: row["mAP"] for name, row in demo_ablation.rows.items()}
     assert m["orgnn"] >= m["avg"]
+
+
+def test_visible_target_start_beats_the_papers_mean_start(demo_ablation):
+    from orgnn.commands import DEFAULT_EPOCHS
+
+    # measured on 8 of 8 synthetic worlds (docs/results.md); seed 0: 71.3 against 70.6
+    paper = TrainConfig(epochs=DEFAULT_EPOCHS, seed=0, target_init="mean")
+    splits = synthetic_preset("demo", seed=0)
+    mean_start = run_ablation(splits, AblationConfig(train=paper), rows=("orgnn",),
+                              progress=False).rows["orgnn"]["mAP"]
+    assert demo_ablation.rows["orgnn"]["mAP"] > mean_start + 0.3
 
 
 def test_ablation_json_and_table(demo_ablation):
