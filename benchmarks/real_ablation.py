@@ -116,6 +116,7 @@ def sweep_training(splits, epochs: int) -> list[dict]:
         "default": {},
         "glorot init": {"init": "glorot"},
         "target_init=self": {"target_init": "self"},
+        "target_init=mean (paper)": {"target_init": "mean"},
         "lr x10": {"lr": 3.5e-3},
         "recon loss 1.0": {"recon_weight": 1.0},
         f"{epochs * 3} epochs": {"epochs": epochs * 3},
