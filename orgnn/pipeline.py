@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from orgnn import metrics
-from orgnn.features import PartFeatures
+from orgnn.features import VISIBLE_THRESHOLD, PartFeatures
 from orgnn.graphs import dense_neighbourhood_batch
 from orgnn.nn import ORGNN
 from orgnn.search import Neighbourhoods, search_neighbourhoods
@@ -82,8 +82,8 @@ def _batched(target: np.ndarray, gallery: np.ndarray, index: np.ndarray, batch_s
         sl = slice(start, start + batch_size)
         x, mask = dense_neighbourhood_batch(target[sl], gallery, index[sl], device)
         extra = {} if target_visible is None else {
-            "target_visible": torch.as_tensor(np.asarray(target_visible[sl]) >= 0.5,
-                                              device=x.device)}
+            "target_visible": torch.as_tensor(
+                np.asarray(target_visible[sl]) >= VISIBLE_THRESHOLD, device=x.device)}
         chunks.append(fn(x, mask, **extra).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.empty((0,) + target.shape[1:], np.float32)
 

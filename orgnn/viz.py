@@ -443,13 +443,10 @@ def plot_graph(out: str | os.PathLike, query: PartFeatures, gallery: PartFeature
     x, mask = dense_neighbourhood_batch(target.features, gallery.features, nbrs.index)
     x, mask = x[0], mask[0]                                          # (M, N, F), (N,)
     n = int(mask.sum())
-    x, mask = x[:, :n].clone(), mask[:n]
+    x, mask = x[:, :n], mask[:n]
     empty = nbrs.num_empty == 1
-    if model.target_init != "self" and n > 1:  # start the target as the model does
-        hidden = torch.ones(x.size(0), dtype=torch.bool)
-        if model.target_init == "visible":
-            hidden = torch.as_tensor(~target.visible[0])
-        x[hidden, 0] = x[hidden, 1:].mean(1)
+    x = model.start_targets(x.unsqueeze(1), mask.to(x.dtype).view(1, 1, -1),
+                            torch.as_tensor(target.visible))[:, 0]  # as the model starts it
     weights = graph_weights(model, x, mask)
     if empty:  # the model saw the image as its own only neighbour; draw the image alone
         n = 1

@@ -28,21 +28,16 @@ _EPS = 1e-12
 _MIN_DENOM = 1e-12
 
 
-def _relative_affinity(logits: Tensor, edge: Tensor, dim: int = -1,
-                       group_max: Tensor | None = None) -> Tensor:
-    r""":math:`a_{ij} / \max_{j'} a_{ij'}` over the edges, computed as
-    :math:`\exp(\log\sigma(l_{ij}) - \max_{j'} \log\sigma(l_{ij'}))` (0 off the edges).
+def _exp_shifted(log_a: Tensor, row_max: Tensor) -> Tensor:
+    r""":math:`\exp(\log a - \max)`: each row's affinities relative to its largest one.
 
     Eq. 5 divides by the sum of the weights, so scaling a row by a constant changes nothing;
-    in this form the largest affinity of each row is exactly 1, and the row cannot underflow
-    to 0 (or to denormals, whose reciprocal overflows) however large :math:`|V \cdot d^2|`
-    grows. The shift is a constant for autograd (it cancels in the fraction).
+    in this form the largest affinity of a row is exactly 1 and the row cannot underflow to 0
+    (or to denormals, whose reciprocal overflows) however large :math:`|V \cdot d^2|` grows.
+    ``row_max`` (broadcast to ``log_a``) must be detached: the shift cancels in the fraction.
+    Rows without edges (max :math:`-\infty`) are left unshifted.
     """
-    log_a = torch.nn.functional.logsigmoid(logits).masked_fill(~edge, float("-inf"))
-    if group_max is None:
-        group_max = log_a.detach().amax(dim, keepdim=True)
-    shift = torch.where(torch.isfinite(group_max), group_max, 0.0)
-    return torch.exp(log_a - shift)
+    return torch.exp(log_a - torch.where(torch.isfinite(row_max), row_max, 0.0))
 
 
 def _safe_cosine(dot: Tensor, sq_norm_a: Tensor, sq_norm_b: Tensor) -> Tensor:
@@ -149,9 +144,9 @@ def dense_orgnn_aggregate(
     edge = valid_rows.unsqueeze(-1) * valid.unsqueeze(-2)
     if not add_self_loops:
         edge = edge.masked_fill(torch.eye(r, num_nodes, dtype=torch.bool, device=x.device), 0)
-    # a_ij / max_j a_ij, from log-sigmoids: the fraction of Eq. 5 is unchanged, and it stays
-    # finite when every sigmoid underflows (large |V| on large features).
-    affinity = _relative_affinity(logits, edge > 0, dim=-1)
+    # a_ij / max_j a_ij over the edges, from log-sigmoids (see _exp_shifted).
+    log_a = torch.nn.functional.logsigmoid(logits).masked_fill(edge == 0, float("-inf"))
+    affinity = _exp_shifted(log_a, log_a.detach().amax(-1, keepdim=True))
     if outlier_aware:
         gram = x @ x_t                                             # (..., N, N)
         sq_norm = gram.diagonal(dim1=-2, dim2=-1)                  # |x_j|^2
@@ -265,9 +260,8 @@ def sparse_edge_weights(confidence_src: Tensor, logits: Tensor, dst: Tensor,
         num_nodes: number of target nodes.
     """
     log_a = torch.nn.functional.logsigmoid(logits)
-    group_max = scatter(log_a.detach(), dst, dim=0, dim_size=num_nodes, reduce="max")
-    shift = group_max.index_select(0, dst)
-    affinity = torch.exp(log_a - torch.where(torch.isfinite(shift), shift, 0.0))
+    row_max = scatter(log_a.detach(), dst, dim=0, dim_size=num_nodes, reduce="max")
+    affinity = _exp_shifted(log_a, row_max.index_select(0, dst))
     return sparse_normalise(confidence_src * affinity, dst, num_nodes)
 
 

@@ -219,18 +219,30 @@ class ORGNN(torch.nn.Module):
         valid = torch.cat([torch.ones_like(valid[..., :1]), valid[..., 1:]], dim=-1)
         # (M, B, N, F); free when x is a transposed view of an (M, B, N, F) buffer, as the
         # batches of orgnn.graphs are.
-        h = x.transpose(0, 1)
-        if self.target_init != "self":
-            h = h.clone(memory_format=torch.contiguous_format)
-            mean = self._neighbour_mean(h, valid)
-            if self.target_init == "visible":
-                keep = target_visible.to(torch.bool).transpose(0, 1).unsqueeze(-1)  # (M, B, 1)
-                mean = torch.where(keep, h[:, :, 0], mean)
-            h[:, :, 0] = mean
+        h = self.start_targets(x.transpose(0, 1), valid, target_visible)
         for layer in self.layers[:-1]:
             h = layer.dense(h, valid, zero_padded=False)
         out = self.layers[-1].dense(h, valid, rows=1)                 # target row only
         return out.squeeze(2).transpose(0, 1)                         # (B, M, F)
+
+    def start_targets(self, h: Tensor, valid: Tensor,
+                      target_visible: Tensor | None = None) -> Tensor:
+        """The graphs with each target (node 0) started as ``target_init`` says.
+
+        Args:
+            h: part-major graphs ``(M, B, N, F)``, node 0 holding the image's own feature.
+            valid: ``(M or 1, B, N)`` 0/1 node mask.
+            target_visible: ``(B, M)`` bool, for ``target_init="visible"``.
+        """
+        if self.target_init == "self":
+            return h
+        h = h.clone(memory_format=torch.contiguous_format)
+        start = self._neighbour_mean(h, valid)
+        if self.target_init == "visible":
+            keep = target_visible.to(torch.bool).transpose(0, 1).unsqueeze(-1)  # (M, B, 1)
+            start = torch.where(keep, h[:, :, 0], start)
+        h[:, :, 0] = start
+        return h
 
     @staticmethod
     def _neighbour_mean(h: Tensor, valid: Tensor) -> Tensor:
