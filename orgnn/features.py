@@ -130,65 +130,61 @@ def _first_index(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(mask)[0])
 
 
-def _check_features(arr: Any, key: str, source: str) -> np.ndarray:
+def _as_rank(arr: Any, layout: str, key: str, source: str) -> np.ndarray:
+    """``arr`` as an array of the rank of ``layout`` (e.g. ``"(N, M)"``), else refused."""
     arr = np.asarray(arr)
-    if arr.ndim != 3:
-        raise PartFeatureError(source, key, f"wrong rank: expected 3 dims (N, M, D), got "
+    ndim = len([dim for dim in layout.strip("()").split(",") if dim.strip()])
+    if arr.ndim != ndim:
+        dims = "1 dim" if ndim == 1 else f"{ndim} dims"
+        raise PartFeatureError(source, key, f"wrong rank: expected {dims} {layout}, got "
                                             f"{arr.ndim} dims with shape {arr.shape}")
+    return arr
+
+
+def _refuse_any(bad: np.ndarray, what: str, key: str, source: str, hint: str = "") -> None:
+    """Refuse the array if any entry of ``bad`` is set: how many, and the first one."""
+    count = int(np.count_nonzero(bad))
+    if count:
+        raise PartFeatureError(source, key, f"{what}: {count} of {bad.size}, first at index "
+                                            f"{_first_index(bad)}{hint}")
+
+
+def _check_features(arr: Any, key: str, source: str) -> np.ndarray:
+    arr = _as_rank(arr, "(N, M, D)", key, source)
     if arr.dtype not in (np.float32, np.float16):
         raise PartFeatureError(source, key, f"wrong dtype {arr.dtype}: expected float32 "
                                             f"or float16")
     if arr.shape[1] == 0 or arr.shape[2] == 0:
         raise PartFeatureError(source, key, f"empty part axis: shape {arr.shape} has M or D 0")
-    bad = ~np.isfinite(arr)
-    count = int(np.count_nonzero(bad))
-    if count:
-        raise PartFeatureError(source, key, f"non-finite values (NaN/inf): {count} of "
-                                            f"{arr.size}, first at index {_first_index(bad)}")
+    _refuse_any(~np.isfinite(arr), "non-finite values (NaN/inf)", key, source)
     return arr
 
 
 def _check_labels(arr: Any, key: str, source: str) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.ndim != 1:
-        raise PartFeatureError(source, key, f"wrong rank: expected 1 dim (N,), got {arr.ndim} "
-                                            f"dims with shape {arr.shape}")
+    arr = _as_rank(arr, "(N,)", key, source)
     if arr.dtype.kind in "iu":
         if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
             raise PartFeatureError(source, key, "values overflow int64")
         return arr.astype(np.int64, copy=False)
     if arr.dtype.kind == "f":
-        bad = ~np.isfinite(arr) | (arr != np.round(arr))
-        count = int(np.count_nonzero(bad))
-        if count:
-            raise PartFeatureError(source, key, f"wrong dtype {arr.dtype} with non-integer "
-                                                f"values: {count} of {arr.size}, first at index "
-                                                f"{_first_index(bad)}; expected int64")
+        _refuse_any(~np.isfinite(arr) | (arr != np.round(arr)),
+                    f"wrong dtype {arr.dtype} with non-integer values", key, source,
+                    "; expected int64")
         return arr.astype(np.int64)
     raise PartFeatureError(source, key, f"wrong dtype {arr.dtype}: expected int64")
 
 
 def _check_visibility(arr: Any, key: str, source: str) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.ndim != 2:
-        raise PartFeatureError(source, key, f"wrong rank: expected 2 dims (N, M), got "
-                                            f"{arr.ndim} dims with shape {arr.shape}")
+    arr = _as_rank(arr, "(N, M)", key, source)
     if arr.dtype.kind not in "fiub":
         raise PartFeatureError(source, key, f"wrong dtype {arr.dtype}: expected float32")
     arr = arr.astype(np.float32, copy=False)
-    bad = ~((arr >= 0.0) & (arr <= 1.0))
-    count = int(np.count_nonzero(bad))
-    if count:
-        raise PartFeatureError(source, key, f"values outside [0, 1] (or NaN): {count} of "
-                                            f"{arr.size}, first at index {_first_index(bad)}")
+    _refuse_any(~((arr >= 0.0) & (arr <= 1.0)), "values outside [0, 1] (or NaN)", key, source)
     return arr
 
 
 def _check_paths(arr: Any, key: str, source: str) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.ndim != 1:
-        raise PartFeatureError(source, key, f"wrong rank: expected 1 dim (N,), got {arr.ndim} "
-                                            f"dims with shape {arr.shape}")
+    arr = _as_rank(arr, "(N,)", key, source)
     if arr.dtype.kind == "S":
         try:
             arr = np.char.decode(arr, "utf-8")
