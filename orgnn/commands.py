@@ -84,6 +84,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="how the target node starts: its visible parts with the hidden ones "
                         "from the neighbours' mean (default, measured best), the neighbours' "
                         "mean (the paper) or its own feature")
+    g.add_argument("--classifier-init", default="imprint", choices=["imprint", "random"],
+                   help="how the Eq. 7 classifier starts: the class means of the untrained "
+                        "network's outputs (default, measured best) or small random weights")
     g.add_argument("--recon-weight", type=float, default=0.0,
                    help="weight of the reconstruction loss (needs clean_features)")
     g.add_argument("--seed", type=int, default=0)
@@ -111,6 +114,7 @@ def _configs(args: argparse.Namespace):
                           index=getattr(args, "index", defaults.index))
     train = TrainConfig(epochs=args.epochs, k=args.train_k, theta=args.train_theta,
                         mode=search.mode, init=args.init, target_init=args.target_init,
+                        classifier_init=args.classifier_init,
                         recon_weight=args.recon_weight, seed=args.seed)
     return AblationConfig(search=search, train=train)
 

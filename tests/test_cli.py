@@ -56,6 +56,20 @@ def test_ablation_train_reconstruct_evaluate(data_dir, tmp_path, capsys):
     assert "mAP" in capsys.readouterr().out
 
 
+def test_training_options_reach_the_checkpoint(data_dir, tmp_path):
+    from orgnn.training import load_checkpoint
+
+    ckpt = tmp_path / "random-head.pt"
+    assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--epochs", "0",
+                 "--classifier-init", "random", "--target-init", "mean"]) == 0
+    model, config = load_checkpoint(ckpt)
+    assert (config.classifier_init, config.target_init) == ("random", "mean")
+    assert model.classifier.abs().max() < 1e-2                 # not imprinted
+    default = tmp_path / "default.pt"
+    assert main(["train", "--data", str(data_dir), "--out", str(default), "--epochs", "0"]) == 0
+    assert load_checkpoint(default)[1].classifier_init == "imprint"
+
+
 def test_bad_inputs_give_clear_errors_and_keep_outputs(data_dir, tmp_path, capsys):
     out = tmp_path / "keep.json"
     out.write_text("{\"previous\": true}")

@@ -90,27 +90,29 @@ def test_ablation_ordering_on_synthetic_world(demo_ablation):
     rows = demo_ablation.rows
     assert list(rows) == list(ABLATION_ROWS)
     m = {name: row["mAP"] for name, row in rows.items()}
-    assert m["avg"] > m["oan"] > m["baseline"]
+    assert m["orgnn"] >= m["avg"] > m["oan"] > m["baseline"]   # the ordering
     assert m["orgnn"] > m["oan"] + 5                           # reconstruction helps a lot
-    assert abs(m["orgnn"] - m["avg"]) <= 1.5                   # trained ~ training-free mean
     assert m["upper_bound"] > m["orgnn"] + 10                  # ground-truth neighbourhoods
     for row in rows.values():
         assert set(row) == {"mAP", "rank1", "rank5", "rank10", "mINP"}
         assert 0 <= row["mINP"] <= row["mAP"] <= 100 and row["rank1"] <= row["rank5"]
 
 
-@pytest.mark.xfail(strict=False, reason="measured: the trained OR-GNN stays below plain "
-                   "averaging on the synthetic worlds (seed 0: 71.3 vs 71.7 mAP; mean of seeds "
-                   "0-7: -0.55); see docs/results.md")
-def test_trained_orgnn_beats_averaging_on_synthetic_world(demo_ablation):
-    m = {name: row["mAP"] for name, row in demo_ablation.rows.items()}
-    assert m["orgnn"] >= m["avg"]
+def test_imprinted_classifier_beats_the_random_start(demo_ablation):
+    from orgnn.commands import DEFAULT_EPOCHS
+
+    # measured on 8 of 8 synthetic worlds (docs/results.md); seed 0: 73.1 against 71.3
+    random_head = TrainConfig(epochs=DEFAULT_EPOCHS, seed=0, classifier_init="random")
+    splits = synthetic_preset("demo", seed=0)
+    plain = run_ablation(splits, AblationConfig(train=random_head), rows=("orgnn",),
+                         progress=False).rows["orgnn"]["mAP"]
+    assert demo_ablation.rows["orgnn"]["mAP"] > plain + 0.5
 
 
 def test_visible_target_start_beats_the_papers_mean_start(demo_ablation):
     from orgnn.commands import DEFAULT_EPOCHS
 
-    # measured on 8 of 8 synthetic worlds (docs/results.md); seed 0: 71.3 against 70.6
+    # measured on 8 of 8 synthetic worlds (docs/results.md); seed 0: 73.1 against 71.8
     paper = TrainConfig(epochs=DEFAULT_EPOCHS, seed=0, target_init="mean")
     splits = synthetic_preset("demo", seed=0)
     mean_start = run_ablation(splits, AblationConfig(train=paper), rows=("orgnn",),

@@ -135,3 +135,28 @@ def test_diverging_training_stops_with_a_clear_error(tiny):
         train_orgnn(tiny["train"], TrainConfig(epochs=3, lr=1e12, weight_decay=0),
                     progress=False)
 
+
+
+def test_classifier_starts_imprinted_or_random(tiny):
+    from orgnn.graphs import dense_neighbourhood_batch
+    from orgnn.training import train_neighbourhoods
+
+    train = tiny["train"]
+    imprinted = train_orgnn(train, TrainConfig(epochs=0), progress=False)
+    random = train_orgnn(train, TrainConfig(epochs=0, classifier_init="random"),
+                         progress=False)
+    assert random.classifier.abs().max() < 1e-2                # the small random start
+    # imprinted: each class's weight is its images' mean BN-normalised output (by a loop)
+    nbrs = train_neighbourhoods(train, TrainConfig())
+    with torch.no_grad():
+        out = random(*dense_neighbourhood_batch(train.features, train.features, nbrs.index),
+                     target_visible=torch.from_numpy(train.visible))
+    flat = out.reshape(len(out), -1)
+    normed = ((flat - flat.mean(0)) / (flat.var(0) + 1e-5).sqrt()).view_as(out)
+    for label, pid in enumerate(np.unique(train.pids)):
+        expected = normed[torch.from_numpy(train.pids == pid)].mean(0)
+        torch.testing.assert_close(imprinted.classifier[:, label], expected, atol=1e-5,
+                                   rtol=1e-4)
+    with pytest.raises(ValueError, match=r"classifier_init must be one of \('imprint', "
+                                         r"'random'\), got 'zeros'"):
+        train_orgnn(train, TrainConfig(epochs=1, classifier_init="zeros"), progress=False)

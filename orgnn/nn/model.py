@@ -137,9 +137,10 @@ class ORGNN(torch.nn.Module):
             \mathrm{CE}\big(\mathrm{FC}_k(\mathrm{BN}_k(\mathbf{x}_k^T(I_a))), y_a\big)
 
     A neighbourhood graph is complete over the target (node 0) and its neighbours. The
-    target starts as the mean of its neighbours (``target_init="mean"``, the paper) or as the
-    image's own feature (``"self"``). The last layer computes only the target's row, so
-    :math:`\mathbf{W}` is applied to one row per graph instead of ``N``.
+    target starts as the mean of its neighbours (``target_init="mean"``, the paper), as the
+    image's own feature (``"self"``), or as its own feature on its visible parts and the
+    neighbours' mean on the hidden ones (``"visible"``). The last layer computes only the
+    target's row, so :math:`\mathbf{W}` is applied to one row per graph instead of ``N``.
 
     Args:
         in_channels (int): Part feature size. (default: :obj:`256`)
@@ -148,7 +149,7 @@ class ORGNN(torch.nn.Module):
         num_layers (int): :math:`T`. (default: :obj:`2`)
         num_classes (int, optional): Training identities; adds the Eq. 7 head.
         outlier_aware (bool): Use Eq. 4's confidence. (default: :obj:`True`)
-        target_init (str): ``"mean"`` or ``"self"``. (default: :obj:`"mean"`)
+        target_init (str): ``"mean"``, ``"self"`` or ``"visible"``. (default: :obj:`"mean"`)
         init (str): ``"identity"`` or ``"glorot"``, see :class:`PartwiseORGNNConv`.
             (default: :obj:`"identity"`)
 
@@ -284,6 +285,45 @@ class ORGNN(torch.nn.Module):
         b = features.size(0)
         normed = self.bn(features.reshape(b, -1)).view(b, self.num_parts, -1)
         return torch.einsum("bmf,mcf->bmc", normed, self.classifier)
+
+    @torch.no_grad()
+    def imprint_classifier(self, features: Tensor, labels: Tensor) -> None:
+        r"""Start the Eq. 7 head as the nearest-class-mean classifier of ``features``
+        (weight imprinting): BN's running statistics become those of ``features`` and
+
+        .. math::
+            \mathbf{w}_{k,c} = \frac{1}{|\mathcal{I}_c|} \sum_{a \in \mathcal{I}_c}
+                \mathrm{BN}_k\big(\mathbf{x}_k^T(I_a)\big)
+
+        for every class :math:`c` present in ``labels``; absent classes keep their weights.
+
+        Args:
+            features: target outputs :math:`(B, M, F_{hid})` of the training images.
+            labels: their class indices :math:`(B,)`, in ``[0, num_classes)``.
+        """
+        if self.num_classes is None:
+            raise RuntimeError("ORGNN was built without num_classes: it has no classifier")
+        if features.dim() != 3 or features.shape[1:] != (self.num_parts, self.hidden_channels):
+            raise ValueError(f"imprint_classifier: features must have shape (B, "
+                             f"{self.num_parts}, {self.hidden_channels}), got "
+                             f"{tuple(features.shape)}")
+        if labels.shape != features.shape[:1]:
+            raise ValueError(f"imprint_classifier: labels must have shape "
+                             f"({features.size(0)},), got {tuple(labels.shape)}")
+        if features.size(0) < 2:
+            raise ValueError("imprint_classifier: needs at least two images")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"imprint_classifier: labels must lie in [0, {self.num_classes})")
+        flat = features.reshape(features.size(0), -1)
+        self.bn.running_mean.copy_(flat.mean(0))
+        self.bn.running_var.copy_(flat.var(0))
+        normed = F.batch_norm(flat, self.bn.running_mean, self.bn.running_var, self.bn.weight,
+                              self.bn.bias, training=False, eps=self.bn.eps)
+        normed = normed.view_as(features).transpose(0, 1)               # (M, B, F)
+        sums = normed.new_zeros(self.classifier.shape).index_add_(1, labels, normed)
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        present = counts > 0
+        self.classifier[:, present] = sums[:, present] / counts[present].view(1, -1, 1)
 
     def loss(self, features: Tensor, pids: Tensor) -> Tensor:
         """Eq. 7: cross-entropy of each part's logits, averaged over parts."""

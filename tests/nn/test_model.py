@@ -219,6 +219,53 @@ def test_model_errors():
         model.loss(model(x, mask), torch.zeros(4, dtype=torch.long))
 
 
+def test_imprinted_classifier_is_the_class_means_of_normalised_outputs():
+    torch.manual_seed(0)
+    model = ORGNN(4, 4, num_parts=2, num_classes=4)
+    before = model.classifier.detach().clone()
+    feats = torch.rand(7, 2, 4) * 3
+    labels = torch.tensor([0, 2, 0, 1, 2, 2, 0])             # class 3 absent
+    model.imprint_classifier(feats, labels)
+    # reference written out: per feature, (x - mean) / sqrt(var + eps) with the unbiased
+    # variance BN keeps as running_var, then a per-class average
+    flat = feats.reshape(7, 8).double()
+    mean, var = flat.mean(0), flat.var(0)
+    normed = ((flat - mean) / (var + model.bn.eps).sqrt()).view(7, 2, 4)
+    for c, rows in [(0, [0, 2, 6]), (1, [3]), (2, [1, 4, 5])]:
+        for k in range(2):
+            expected = sum(normed[i, k] for i in rows) / len(rows)
+            torch.testing.assert_close(model.classifier[k, c].double(), expected, atol=1e-6,
+                                       rtol=1e-5)
+    torch.testing.assert_close(model.classifier[:, 3], before[:, 3])
+    torch.testing.assert_close(model.bn.running_mean, mean.float())
+
+
+def test_imprinted_head_classifies_separated_classes_before_training():
+    torch.manual_seed(0)
+    centres = torch.randn(5, 3, 16) * 3
+    labels = torch.arange(5).repeat(6)
+    feats = centres[labels] + 0.3 * torch.randn(30, 3, 16)
+    model = ORGNN(16, 16, num_parts=3, num_classes=5).eval()
+    assert (model.classify(feats).argmax(-1) == labels[:, None]).float().mean() < 0.6
+    model.imprint_classifier(feats, labels)
+    assert (model.classify(feats).argmax(-1) == labels[:, None]).all()
+
+
+def test_imprint_classifier_errors():
+    model = ORGNN(4, 4, num_parts=2, num_classes=3)
+    with pytest.raises(ValueError, match=r"shape \(B, 2, 4\)"):
+        model.imprint_classifier(torch.rand(5, 3, 4), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        model.imprint_classifier(torch.rand(5, 2, 4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        model.imprint_classifier(torch.rand(5, 2, 4), torch.full((5,), 3))
+    with pytest.raises(ValueError, match="at least two"):
+        model.imprint_classifier(torch.rand(1, 2, 4), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="without num_classes"):
+        ORGNN(4, 4, num_parts=2).imprint_classifier(torch.rand(5, 2, 4),
+                                                      torch.zeros(5, dtype=torch.long))
+
+
 def test_graph_side_imports_without_torchvision():
     code = ("import sys; sys.modules['torchvision'] = None\n"
             "import orgnn, orgnn.nn, orgnn.cli\n"
