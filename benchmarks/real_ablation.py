@@ -117,6 +117,7 @@ def sweep_training(splits, epochs: int) -> list[dict]:
         "glorot init": {"init": "glorot"},
         "target_init=self": {"target_init": "self"},
         "target_init=mean (paper)": {"target_init": "mean"},
+        "random classifier": {"classifier_init": "random"},
         "lr x10": {"lr": 3.5e-3},
         "recon loss 1.0": {"recon_weight": 1.0},
         f"{epochs * 3} epochs": {"epochs": epochs * 3},
@@ -128,7 +129,7 @@ def sweep_training(splits, epochs: int) -> list[dict]:
                          progress=False)
         rows.append({"variant": name, **r.rows["orgnn"],
                      "rr_mAP": r.rows["orgnn_rr"]["mAP"], "rr_rank1": r.rows["orgnn_rr"]["rank1"]})
-        print(f"  {name:<18} {r.rows['orgnn']['mAP']:5.1f} / {r.rows['orgnn']['rank1']:5.1f}"
+        print(f"  {name:<26} {r.rows['orgnn']['mAP']:5.1f} / {r.rows['orgnn']['rank1']:5.1f}"
               f"   +rr {r.rows['orgnn_rr']['mAP']:5.1f} / {r.rows['orgnn_rr']['rank1']:5.1f}")
     return rows
 
