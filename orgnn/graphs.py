@@ -9,15 +9,23 @@ decreasing similarity. Two renderings:
 * :func:`pyg_neighbourhood_batch`: a :class:`torch_geometric.data.Batch` of complete graphs
   whose ``x`` is ``(n_g, M, D)``, for :class:`~orgnn.ORGNNConv`.
 
+:func:`map_dense_batches` streams a whole split through a function of the dense rendering
+(the OR-GNN, or the plain mean), a fixed number of graphs at a time.
+
 An image without neighbours gets itself as its only neighbour, so it passes through the same
 OR-GNN as every other image (a graph of its own feature), and all outputs share one space.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
 from torch_geometric.data import Batch
+from tqdm.auto import tqdm
+
+from orgnn.features import VISIBLE_THRESHOLD
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -103,3 +111,30 @@ def pyg_neighbourhood_batch(x: Tensor, mask: Tensor) -> Batch:
     batch._num_graphs = len(sizes)
     return batch
 
+
+
+def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np.ndarray,
+                      index: np.ndarray, batch_size: int = 2048,
+                      device: str | torch.device = "cpu",
+                      target_visible: np.ndarray | None = None, desc: str | None = None,
+                      progress: bool = False) -> np.ndarray:
+    """``fn(x, mask[, target_visible=...])`` over the dense neighbourhood batches of every
+    ``target`` image, ``batch_size`` graphs at a time; the outputs concatenated as float32.
+
+    Args:
+        fn: maps a batch ``(B, M, 1 + K, D)`` and its mask ``(B, 1 + K)`` to ``(B, M, F)``.
+        target, gallery, index: as in :func:`dense_neighbourhood_batch`.
+        target_visible: ``(N, M)`` visibility (or booleans) of the targets; when given, the
+            parts at or above the visibility threshold reach ``fn`` as ``target_visible``.
+        desc, progress: the progress bar's label, and whether to show it.
+    """
+    chunks = []
+    starts = range(0, target.shape[0], batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch", leave=False):
+        sl = slice(start, start + batch_size)
+        x, mask = dense_neighbourhood_batch(target[sl], gallery, index[sl], device)
+        extra = {} if target_visible is None else {
+            "target_visible": torch.as_tensor(
+                np.asarray(target_visible[sl]) >= VISIBLE_THRESHOLD, device=x.device)}
+        chunks.append(fn(x, mask, **extra).float().cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.empty((0,) + target.shape[1:], np.float32)

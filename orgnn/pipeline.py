@@ -10,18 +10,17 @@ with :math:`S_a` all parts, or (rows marked "+OAN") only the parts visible in :m
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from orgnn import metrics
-from orgnn.features import VISIBLE_THRESHOLD, PartFeatures
-from orgnn.graphs import dense_neighbourhood_batch
+from orgnn.features import PartFeatures
+from orgnn.graphs import map_dense_batches
 from orgnn.nn import ORGNN
 from orgnn.search import Neighbourhoods, search_neighbourhoods
 from orgnn.training import SearchConfig, TrainConfig, train_orgnn
@@ -73,21 +72,6 @@ def oan_parts(visible: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Reconstruction
 # --------------------------------------------------------------------------------------
-def _batched(target: np.ndarray, gallery: np.ndarray, index: np.ndarray, batch_size: int,
-             fn: Callable[..., torch.Tensor], device: str | torch.device, desc: str,
-             progress: bool, target_visible: np.ndarray | None = None) -> np.ndarray:
-    chunks = []
-    starts = range(0, target.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch", leave=False):
-        sl = slice(start, start + batch_size)
-        x, mask = dense_neighbourhood_batch(target[sl], gallery, index[sl], device)
-        extra = {} if target_visible is None else {
-            "target_visible": torch.as_tensor(
-                np.asarray(target_visible[sl]) >= VISIBLE_THRESHOLD, device=x.device)}
-        chunks.append(fn(x, mask, **extra).float().cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.empty((0,) + target.shape[1:], np.float32)
-
-
 @torch.inference_mode()
 def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
                 neighbourhoods: Neighbourhoods | np.ndarray, batch_size: int = 2048,
@@ -103,8 +87,8 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
     elif target_visibility is None:
         raise ValueError("this OR-GNN starts its targets from their visible parts "
                          "(target_init='visible'): pass target_visibility")
-    return _batched(target, gallery, index, batch_size, model, device, "reconstruct",
-                    progress, target_visibility)
+    return map_dense_batches(model, target, gallery, index, batch_size, device,
+                             target_visibility, "reconstruct", progress)
 
 
 @torch.inference_mode()
@@ -119,7 +103,7 @@ def average_reconstruct(target: np.ndarray, gallery: np.ndarray,
         w = mask[:, None, 1:, None].to(x.dtype)
         return (x[:, :, 1:] * w).sum(2) / w.sum(2)
 
-    return _batched(target, gallery, index, batch_size, mean, "cpu", "average", False)
+    return map_dense_batches(mean, target, gallery, index, batch_size, desc="average")
 
 
 # --------------------------------------------------------------------------------------

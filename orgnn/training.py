@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from orgnn.features import PartFeatures
-from orgnn.graphs import dense_neighbourhood_batch
+from orgnn.graphs import dense_neighbourhood_batch, map_dense_batches
 from orgnn.nn import ORGNN
 from orgnn.search import Neighbourhoods, search_neighbourhoods
 
@@ -163,7 +163,7 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
     label_t = torch.from_numpy(labels.astype(np.int64))
     visible = torch.from_numpy(np.asarray(train.visible, dtype=bool))
     if config.classifier_init == "imprint":
-        imprint_classifier(model, features, neighbourhoods, visible, label_t, device)
+        imprint_classifier(model, features, neighbourhoods, train.visible, label_t, device)
     model.train()
     bar = tqdm(range(config.epochs), desc="train OR-GNN", disable=not progress, unit="epoch")
     for epoch in bar:
@@ -191,19 +191,15 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
 
 
 def imprint_classifier(model: ORGNN, features: np.ndarray, neighbourhoods: Neighbourhoods,
-                       visible: torch.Tensor, labels: torch.Tensor,
+                       visible: np.ndarray, labels: torch.Tensor,
                        device: str | torch.device = "cpu", chunk: int = 1024) -> None:
     """Imprint ``model``'s classifier from its outputs on every training neighbourhood
     (computed ``chunk`` graphs at a time, in eval mode)."""
     model.eval()
-    outputs = []
     with torch.no_grad():
-        for start in range(0, len(features), chunk):
-            rows = slice(start, start + chunk)
-            x, mask = dense_neighbourhood_batch(features[rows], features,
-                                                neighbourhoods.index[rows], device)
-            outputs.append(model(x, mask, target_visible=visible[rows].to(device)))
-    model.imprint_classifier(torch.cat(outputs), labels.to(device))
+        outputs = map_dense_batches(model, features, features, neighbourhoods.index, chunk,
+                                    device, target_visible=visible)
+    model.imprint_classifier(torch.from_numpy(outputs).to(device), labels.to(device))
 
 
 # --------------------------------------------------------------------------------------
