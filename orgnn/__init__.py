@@ -3,9 +3,29 @@
 The graph side (``orgnn.nn``, ``orgnn.search``, ``orgnn.graphs``, ``orgnn.metrics``,
 ``orgnn.pipeline``) needs only torch, PyG, numpy and faiss. The image side lives in
 ``orgnn.reid`` and is the only part that imports torchvision.
+
+The layers are imported on first use (``orgnn.ORGNNConv``), so that ``import orgnn`` and
+``orgnn --help`` do not load torch and PyG.
 """
-from orgnn.nn import ORGNN, DenseORGNNConv, ORGNNConv
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
 __all__ = ["ORGNNConv", "DenseORGNNConv", "ORGNN", "__version__"]
+
+_LAZY = {"ORGNNConv": "orgnn.nn", "DenseORGNNConv": "orgnn.nn", "ORGNN": "orgnn.nn"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'orgnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,30 +1,52 @@
 """The graph-side commands: ``demo``, ``ablation``, ``train``, ``reconstruct``, ``evaluate``.
 
 Each handler parses nothing itself: it turns the parsed arguments into library calls and
-prints what they return.
+prints what they return. Arguments are range-checked while parsing (:mod:`orgnn.cli_args`);
+what depends on the data (``--k`` against the gallery size, a checkpoint against the
+features' parts and dimension) is checked right after loading, before any search, training
+or output. Outputs are written atomically, several files as one set (:mod:`orgnn.io_atomic`).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from orgnn.cli_args import (
+    choices_list,
+    float_range,
+    input_dir,
+    input_file,
+    int_range,
+    output_dir,
+    output_file,
+)
+from orgnn.io_atomic import write_json_atomic
+
+__all__ = ["register", "write_json_atomic"]
+
 DEFAULT_EPOCHS = 5
+#: Rows of SPEC §6 (a copy, so that ``--help`` does not import torch; a test keeps it equal
+#: to :data:`orgnn.pipeline.ABLATION_ROWS`).
+ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn", "baseline_rr", "oan_rr",
+        "orgnn_rr", "upper_bound")
+#: Memory one batch of reconstructed graphs may take (bytes); the batch size follows ``--k``.
+GRAPH_BATCH_BYTES = 1 << 30
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from orgnn.datasets import PRESETS
+
     demo = subparsers.add_parser(
         "demo", help="run the full ablation on a synthetic occluded Re-ID world",
         description="Generate a synthetic Occluded-Duke-like world in memory (all queries "
-                    "occluded, ~10%% of the gallery), train OR-GNN and print every row of "
+                    "occluded, ~10% of the gallery), train OR-GNN and print every row of "
                     "the paper's ablation (SPEC §6).")
-    demo.add_argument("--preset", default="demo",
+    demo.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                       help="synthetic world preset (orgnn.datasets.PRESETS; default: demo)")
     _add_run_options(demo)
     demo.set_defaults(func=_demo)
@@ -32,53 +54,86 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ablation = subparsers.add_parser(
         "ablation", help="run the ablation on part-feature files",
         description="Train on DIR/train.npz, evaluate every ablation row on DIR/query.npz "
-                    "and DIR/gallery.npz, print the table and optionally write JSON.")
-    ablation.add_argument("--data", required=True, help="folder with train/query/gallery.npz")
+                    "and DIR/gallery.npz, print the table and the number of queries scored, "
+                    "and optionally write it all as JSON.")
+    ablation.add_argument("--data", required=True, metavar="DIR", type=input_dir,
+                          help="folder with train/query/gallery.npz")
     _add_run_options(ablation)
     ablation.set_defaults(func=_ablation)
 
-    train = subparsers.add_parser("train", help="train OR-GNN on DIR/train.npz")
-    train.add_argument("--data", required=True, help="folder with train.npz")
-    train.add_argument("--out", required=True, help="checkpoint path to write (atomically)")
+    train = subparsers.add_parser(
+        "train", help="train OR-GNN on DIR/train.npz",
+        description="Train the OR-GNN (Eq. 7) on the neighbourhoods of DIR/train.npz and "
+                    "write a checkpoint (plain tensors, read with weights_only=True) for "
+                    "`orgnn reconstruct` and the figure commands.")
+    train.add_argument("--data", required=True, metavar="DIR", type=input_dir,
+                       help="folder with train.npz")
+    train.add_argument("--out", required=True, metavar="CKPT", type=output_file,
+                       help="checkpoint file to write (atomically; replaces an old one)")
     _add_train_options(train)
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
     rec = subparsers.add_parser(
-        "reconstruct", help="write reconstructed query/gallery part-feature files")
-    rec.add_argument("--data", required=True, help="folder with query.npz and gallery.npz")
-    rec.add_argument("--checkpoint", required=True, help="checkpoint from `orgnn train`")
-    rec.add_argument("--out", required=True, help="output folder (query.npz, gallery.npz)")
+        "reconstruct", help="write reconstructed query/gallery part-feature files",
+        description="Search each query's and gallery image's neighbourhood in DIR/gallery.npz, "
+                    "reconstruct its parts with a trained OR-GNN and write OUT/query.npz and "
+                    "OUT/gallery.npz (every part visible). OUT is replaced as a whole, in one "
+                    "swap: it is always either the old folder or the complete new one.")
+    rec.add_argument("--data", required=True, metavar="DIR", type=input_dir,
+                     help="folder with query.npz and gallery.npz")
+    rec.add_argument("--checkpoint", required=True, metavar="CKPT", type=input_file,
+                     help="checkpoint from `orgnn train`")
+    rec.add_argument("--out", required=True, metavar="OUT", type=output_dir,
+                     help="output folder (query.npz, gallery.npz); other files already in "
+                          "it are kept")
     _add_search_options(rec)
+    rec.add_argument("--quiet", action="store_true", help="no progress bars")
     rec.set_defaults(func=_reconstruct)
 
-    ev = subparsers.add_parser("evaluate", help="retrieval metrics of DIR/query vs gallery")
-    ev.add_argument("--data", required=True, help="folder with query.npz and gallery.npz")
+    ev = subparsers.add_parser(
+        "evaluate", help="retrieval metrics of DIR/query vs gallery",
+        description="Rank DIR/gallery.npz for every query of DIR/query.npz (SPEC §5: 1 - mean "
+                    "part cosine) and print mAP, rank-1/5/10 and mINP under the Market-1501 "
+                    "protocol, with the number of queries scored (a query without a gallery "
+                    "image of its identity from another camera is skipped).")
+    ev.add_argument("--data", required=True, metavar="DIR", type=input_dir,
+                    help="folder with query.npz and gallery.npz")
     ev.add_argument("--oan", action="store_true",
                     help="average distances over the query's visible parts only")
     ev.add_argument("--rerank", action="store_true", help="apply k-reciprocal re-ranking")
-    ev.add_argument("--json", help="also write the metrics to this JSON file")
+    ev.add_argument("--json", type=output_file, metavar="FILE",
+                    help="also write the metrics and query counts to this JSON file")
     ev.set_defaults(func=_evaluate)
 
 
 # --------------------------------------------------------------------------------------
 def _add_search_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("neighbourhood search (inference)")
-    g.add_argument("--k", type=int, default=10, help="neighbourhood size K (default 10)")
-    g.add_argument("--theta", type=float, default=0.7, help="similarity threshold (0.7)")
+    g.add_argument("--k", type=int_range(1), default=10,
+                   help="neighbourhood size K, >= 1 (default 10; more than the gallery's "
+                        "images is lowered to that number, with a note)")
+    g.add_argument("--theta", type=float_range(-1.0, 1.0), default=0.7,
+                   help="similarity threshold in [-1, 1] (default 0.7)")
     g.add_argument("--mode", default="visible-mean", choices=["visible-mean", "intersection"],
                    help="search mode (default visible-mean; see docs for why)")
     g.add_argument("--index", default="flat", choices=["flat", "ivf"],
                    help="faiss index: exact (flat) or IVF for large galleries")
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _add_train_options(p: argparse.ArgumentParser, min_epochs: int = 1) -> None:
     g = p.add_argument_group("OR-GNN training")
-    g.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
-                   help=f"epochs (default {DEFAULT_EPOCHS}; the paper uses 120, the step "
-                        "schedule is scaled)")
-    g.add_argument("--train-k", type=int, default=30, help="training neighbourhood K (30)")
-    g.add_argument("--train-theta", type=float, default=0.7, help="training theta (0.7)")
-    g.add_argument("--init", default="identity", choices=["identity", "glorot"])
+    g.add_argument("--epochs", type=int_range(min_epochs), default=DEFAULT_EPOCHS,
+                   help=f"epochs, >= {min_epochs} (default {DEFAULT_EPOCHS}; the paper uses "
+                        "120, the step schedule is scaled)")
+    g.add_argument("--train-k", type=int_range(1), default=30,
+                   help="training neighbourhood size K, >= 1 (default 30)")
+    g.add_argument("--train-theta", type=float_range(-1.0, 1.0), default=0.7,
+                   help="training similarity threshold in [-1, 1] (default 0.7)")
+    g.add_argument("--init", default="identity", choices=["identity", "glorot"],
+                   help="how the layers' transform W starts: the identity, so the untrained "
+                        "network is a confidence-weighted mean of the neighbours (default), "
+                        "or Glorot-random")
     g.add_argument("--target-init", default="visible",
                    choices=["visible", "mean", "self"],
                    help="how the target node starts: its visible parts with the hidden ones "
@@ -87,9 +142,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classifier-init", default="imprint", choices=["imprint", "random"],
                    help="how the Eq. 7 classifier starts: the class means of the untrained "
                         "network's outputs (default, measured best) or small random weights")
-    g.add_argument("--recon-weight", type=float, default=0.0,
-                   help="weight of the reconstruction loss (needs clean_features)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--recon-weight", type=float_range(0.0), default=0.0,
+                   help="weight (>= 0) of an extra loss pulling the reconstruction towards "
+                        "the same image without occluder; needs that image's features as "
+                        "the optional `clean_features` array of train.npz (default 0: off)")
+    g.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0,
+                   help="random seed of training (and of a synthetic world) (default 0)")
     if not any(a.dest == "mode" for a in p._actions):
         g.add_argument("--mode", default="visible-mean",
                        choices=["visible-mean", "intersection"], help="search mode")
@@ -98,8 +156,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     _add_search_options(p)
     _add_train_options(p)
-    p.add_argument("--rows", help="comma-separated subset of rows (default: all)")
-    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--rows", type=choices_list(ROWS),
+                   help="comma-separated subset of rows (default: all)")
+    p.add_argument("--json", type=output_file, metavar="FILE",
+                   help="write the results to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -119,28 +179,117 @@ def _configs(args: argparse.Namespace):
     return AblationConfig(search=search, train=train)
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON through a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# --------------------------------------------------------------------------------------
+# Checks against the data (after loading, before any work) and what was measured
+# --------------------------------------------------------------------------------------
+def warn(message: str) -> None:
+    print(f"orgnn: warning: {message}", file=sys.stderr)
 
 
-def _run(splits, args: argparse.Namespace, title: str) -> int:
+def note(message: str) -> None:
+    print(f"orgnn: note: {message}", file=sys.stderr)
+
+
+def fit_to_data(args: argparse.Namespace, splits: dict, where: str = "") -> None:
+    """Lower ``--k`` to the gallery size and ``--train-k`` to the training split's size
+    minus one (each with a note), and refuse ``--recon-weight`` without clean features."""
+    gallery, train = splits.get("gallery"), splits.get("train")
+    if gallery is not None and getattr(args, "k", None) and args.k > len(gallery):
+        note(f"--k {args.k} is more than the gallery's {len(gallery)} images; "
+             f"using --k {len(gallery)}")
+        args.k = len(gallery)
+    if train is not None and getattr(args, "train_k", None):
+        limit = max(len(train) - 1, 1)
+        if args.train_k > limit:
+            note(f"--train-k {args.train_k} is more than the {len(train)} training images "
+                 f"less the target; using --train-k {limit}")
+            args.train_k = limit
+        if getattr(args, "recon_weight", 0) > 0 and train.clean_features is None:
+            raise ValueError(f"--recon-weight {args.recon_weight:g} needs the training "
+                             f"images' occluder-free features, but {where}train.npz has no "
+                             f"`clean_features` array")
+
+
+def visibility_warnings(splits: dict, where: str = "", oan: bool = False) -> None:
+    """Warn when a split has no visible part at all, and (``oan``) when most queries have
+    no visible part, so that the visible-part distance falls back to all parts."""
+    for name in ("query", "gallery", "train"):
+        pf = splits.get(name)
+        if pf is not None and len(pf) and not pf.visible.any():
+            warn(f"{where}{name}.npz: no part of any image is visible (every visibility "
+                 f"< 0.5): the visible-part (+OAN) distances and searches fall back to all "
+                 f"parts, so those rows measure the same as without OAN")
+    query = splits.get("query")
+    if oan and query is not None and query.visible.any():
+        blind = int((~query.visible.any(1)).sum())
+        if 2 * blind > len(query):
+            warn(f"{blind} of {len(query)} queries have no visible part: +OAN compares "
+                 f"them on all parts, as without OAN")
+
+
+def query_counts(query, gallery) -> dict[str, int]:
+    """How many queries the Market-1501 protocol scores (SPEC §5) and how many it skips."""
+    from orgnn.metrics import valid_queries
+
+    scored = int(valid_queries(query.pids, gallery.pids, query.camids, gallery.camids).sum())
+    return {"total": len(query), "scored": scored, "skipped": len(query) - scored}
+
+
+def check_scored(counts: dict[str, int]) -> None:
+    """Refuse when no query can be scored; warn when fewer than half can."""
+    if counts["scored"] == 0:
+        raise ValueError(f"no query can be scored: none of the {counts['total']} queries has "
+                         f"a gallery image of its identity from another camera")
+    if 2 * counts["scored"] < counts["total"]:
+        warn(f"only {counts['scored']} of {counts['total']} queries have a true match in the "
+             f"gallery (an image of their identity from another camera); the metrics "
+             f"describe those {counts['scored']} only, {counts['skipped']} are skipped")
+
+
+def counts_line(counts: dict[str, int]) -> str:
+    return (f"queries scored: {counts['scored']} of {counts['total']} ({counts['skipped']} "
+            f"skipped: no gallery image of their identity from another camera)")
+
+
+def check_checkpoint(model, checkpoint: str, pf, source: str) -> None:
+    """The checkpoint's parts and feature size must be the data's; name both files."""
+    have = (int(model.num_parts), int(model.in_channels))
+    if have != (pf.num_parts, pf.dim):
+        raise ValueError(f"checkpoint {checkpoint} is for features of {have[0]} parts x "
+                         f"{have[1]}-d, but {source} has {pf.num_parts} parts x {pf.dim}-d: "
+                         f"use a checkpoint trained on this data (`orgnn train`)")
+
+
+def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None) -> int:
+    """Graphs per reconstruction batch so that one batch's tensors stay near
+    :data:`GRAPH_BATCH_BYTES` (about 8 float32 copies of ``(B, M, K + 1, F)``)."""
+    per_graph = num_parts * (k + 1) * max(dim, hidden or dim) * 4 * 8
+    return int(np.clip(GRAPH_BATCH_BYTES // per_graph, 1, 2048))
+
+
+def _data_prefix(data: str) -> str:
+    return str(Path(data)) + "/"
+
+
+# --------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------
+def _run(splits, args: argparse.Namespace, title: str, where: str = "") -> int:
     from orgnn.pipeline import ABLATION_ROWS, format_table, run_ablation
 
-    rows = ABLATION_ROWS if not args.rows else tuple(r.strip() for r in args.rows.split(","))
-    result = run_ablation(splits, _configs(args), rows=rows, progress=not args.quiet)
+    rows = ABLATION_ROWS if not args.rows else tuple(args.rows.split(","))
+    fit_to_data(args, splits, where)
+    visibility_warnings(splits, where, oan=bool({"oan", "oan_rr"} & set(rows)))
+    counts = query_counts(splits["query"], splits["gallery"])
+    check_scored(counts)
+    config = _configs(args)
+    query = splits["query"]
+    config.batch_size = graph_batch_size(config.search.k, query.num_parts, query.dim)
+    result = run_ablation(splits, config, rows=rows, progress=not args.quiet)
     print(format_table(result, title))
+    print(counts_line(counts))
     if args.json:
-        write_json_atomic(args.json, result.to_json())
+        write_json_atomic(args.json, {**result.to_json(), "queries": counts})
         print(f"wrote {args.json}")
     return 0
 
@@ -162,16 +311,18 @@ def _ablation(args: argparse.Namespace) -> int:
     from orgnn.features import load_split_dir
 
     splits = load_split_dir(args.data)
-    return _run(splits, args, f"ablation on {args.data} (percent)")
+    return _run(splits, args, f"ablation on {args.data} (percent)", _data_prefix(args.data))
 
 
 def _train(args: argparse.Namespace) -> int:
     from orgnn.features import load_split_dir
     from orgnn.training import save_checkpoint, train_orgnn
 
-    train = load_split_dir(args.data, splits=("train",))["train"]
+    splits = load_split_dir(args.data, splits=("train",))
+    fit_to_data(args, splits, _data_prefix(args.data))
+    visibility_warnings(splits, _data_prefix(args.data))
     config = _configs(args).train
-    model = train_orgnn(train, config, progress=True)
+    model = train_orgnn(splits["train"], config, progress=not args.quiet)
     save_checkpoint(args.out, model, config)
     print(f"wrote {args.out}")
     return 0
@@ -179,23 +330,35 @@ def _train(args: argparse.Namespace) -> int:
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from orgnn.features import PartFeatures, load_split_dir, save_split_dir
+    from orgnn.io_atomic import replace_dir
     from orgnn.pipeline import reconstruct, search_split
     from orgnn.training import SearchConfig, load_checkpoint
 
+    if Path(args.out).resolve() == Path(args.data).resolve():
+        raise ValueError(f"--out {args.out} is the --data folder: its query.npz and "
+                         f"gallery.npz would be replaced by reconstructions; name another "
+                         f"folder")
     model, _ = load_checkpoint(args.checkpoint)
     splits = load_split_dir(args.data, splits=("query", "gallery"))
+    where = _data_prefix(args.data)
+    for name, pf in splits.items():
+        check_checkpoint(model, args.checkpoint, pf, f"{where}{name}.npz")
+    fit_to_data(args, splits, where)
+    visibility_warnings(splits, where)
     gallery = splits["gallery"]
     cfg = SearchConfig(k=args.k, theta=args.theta, mode=args.mode, index=args.index)
+    batch = graph_batch_size(cfg.k, gallery.num_parts, gallery.dim,
+                             getattr(model, "hidden_channels", None))
     out = {}
     for name, target in splits.items():
         nbrs = search_split(target, gallery, cfg, same_split=name == "gallery")
-        feats = reconstruct(model, target.features, gallery.features, nbrs, progress=True,
-                            target_visibility=target.visibility)
+        feats = reconstruct(model, target.features, gallery.features, nbrs, batch_size=batch,
+                            progress=not args.quiet, target_visibility=target.visibility)
         out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32), target.pids,
                                  target.camids, target.paths)
-        print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours")
-    save_split_dir(args.out, out)
-    print(f"wrote {args.out}/query.npz and {args.out}/gallery.npz")
+        print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours", flush=True)
+    replace_dir(args.out, lambda folder: save_split_dir(folder, out))
+    print(f"wrote {args.out}/query.npz and {args.out}/gallery.npz (one set)")
     return 0
 
 
@@ -206,6 +369,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     splits = load_split_dir(args.data, splits=("query", "gallery"))
     q, g = splits["query"], splits["gallery"]
+    visibility_warnings(splits, _data_prefix(args.data), oan=args.oan)
+    counts = query_counts(q, g)
+    check_scored(counts)
     q_parts = oan_parts(q.visible) if args.oan else None
     g_parts = oan_parts(g.visible) if args.oan else None
     dist = part_distance(q.features, g.features, q_parts)
@@ -213,8 +379,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         dist = metrics.re_ranking(dist, part_distance(q.features, q.features, q_parts),
                                   part_distance(g.features, g.features, g_parts))
     result = metrics.evaluate(dist, q.pids, g.pids, q.camids, g.camids)
+    assert result["num_valid_queries"] == counts["scored"]
     row = {k: round(100 * float(result[k]), 2) for k in METRIC_KEYS}
     print("  ".join(f"{k} {v:.1f}" for k, v in row.items()))
+    print(counts_line(counts))
     if args.json:
-        write_json_atomic(args.json, row)
+        payload: dict[str, Any] = {**row, "queries": counts}
+        write_json_atomic(args.json, payload)
+        print(f"wrote {args.json}")
     return 0

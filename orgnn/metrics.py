@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-__all__ = ["evaluate", "re_ranking"]
+__all__ = ["evaluate", "re_ranking", "valid_queries"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -170,6 +170,26 @@ def evaluate(
         "num_valid_queries": num_valid,
         "num_skipped_queries": num_q - num_valid,
     }
+
+
+def valid_queries(q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
+                  g_camids: ArrayLike) -> np.ndarray:
+    """``(Q,)`` bool: the queries :func:`evaluate` scores, i.e. those with at least one gallery
+    item of their identity seen by another camera (the others are skipped). It depends on the
+    labels only, so it is the same for every distance matrix; memory is ``O(Q + G)``."""
+    q_pids, g_pids = _to_numpy(q_pids, "q_pids"), _to_numpy(g_pids, "g_pids")
+    q_camids, g_camids = _to_numpy(q_camids, "q_camids"), _to_numpy(g_camids, "g_camids")
+    if q_pids.shape != q_camids.shape or g_pids.shape != g_camids.shape:
+        raise ValueError("pids and camids must have the same shape on each side")
+    num_g = len(g_pids)
+    _, pid = np.unique(np.concatenate([g_pids, q_pids]), return_inverse=True)
+    _, cam = np.unique(np.concatenate([g_camids, q_camids]), return_inverse=True)
+    num_cams = int(cam.max()) + 1 if cam.size else 1
+    key = pid.astype(np.int64) * num_cams + cam  # one integer per (identity, camera)
+    gallery_pairs = np.unique(key[:num_g])
+    cams_of_pid = np.bincount(gallery_pairs // num_cams, minlength=int(pid.max(initial=0)) + 1)
+    same_camera_in_gallery = np.isin(key[num_g:], gallery_pairs)
+    return cams_of_pid[pid[num_g:]] - same_camera_in_gallery > 0
 
 
 # --------------------------------------------------------------------------------------------

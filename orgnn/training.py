@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from orgnn.features import PartFeatures
 from orgnn.graphs import dense_neighbourhood_batch, map_dense_batches
+from orgnn.io_atomic import atomic_write
 from orgnn.nn import ORGNN
 from orgnn.search import Neighbourhoods, search_neighbourhoods
 
@@ -223,14 +223,7 @@ def save_checkpoint(path: str | os.PathLike, model: ORGNN, config: TrainConfig) 
         "config": _config_dict(config),
         "state_dict": model.state_dict(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda handle: torch.save(payload, handle))  # mode 0o666 & ~umask
     return path
 
 

@@ -214,7 +214,8 @@ def ablation_cmc(query: PartFeatures, gallery: PartFeatures,
     for name, dist in dists.items():
         res = metrics.evaluate(dist, query.pids, gallery.pids, query.camids, gallery.camids,
                                max_rank=max_rank)
-        out[name] = {"cmc": [round(100 * float(v), 3) for v in res["cmc"]],
+        # one rounding for every figure: percent to 2 decimals, printed with 1
+        out[name] = {"cmc": [round(100 * float(v), 2) for v in res["cmc"]],
                      **{k: round(100 * float(res[k]), 2) for k in METRIC_KEYS}}
     return out
 

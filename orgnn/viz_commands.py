@@ -10,6 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
+from orgnn.cli_args import (
+    choices_list,
+    input_dir,
+    input_file,
+    int_range,
+    output_file,
+)
+from orgnn.commands import ROWS
+
 __all__ = ["register"]
 
 
@@ -22,15 +31,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "= right identity, red = wrong. Tiles are the images named in the files' "
                     "`paths` when found under --images-root, else identity tiles.")
     _add_data(p)
-    p.add_argument("--query-index", type=int, nargs="+", metavar="I",
+    p.add_argument("--query-index", type=int_range(0), nargs="+", metavar="I",
                    help="query indices (default: the 3 queries reconstruction helps most)")
-    p.add_argument("--top", type=int, default=10, help="gallery items per row (default 10)")
-    p.add_argument("--rows", default="baseline,orgnn",
+    p.add_argument("--top", type=int_range(1), default=10,
+                   help="gallery items per row, >= 1 (default 10)")
+    p.add_argument("--rows", default="baseline,orgnn", type=choices_list(ROWS),
                    help="comma-separated rankings to show (default baseline,orgnn; any "
                         "ablation row)")
-    p.add_argument("--images-root", metavar="PATH",
+    p.add_argument("--images-root", metavar="PATH", type=input_dir,
                    help="folder the `paths` are relative to (default: DIR/../images)")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, type=output_file, metavar="PNG",
+                   help="PNG to write")
     _add_model(p)
     p.set_defaults(func=_show_ranks)
 
@@ -41,13 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the first layer's message weight (or affinity a_ij, Eq. 6), "
                     "wrong-identity neighbours in red.")
     _add_data(p)
-    p.add_argument("--query-index", type=int, metavar="I",
+    p.add_argument("--query-index", type=int_range(0), metavar="I",
                    help="query index (default: the first occluded query with a wrong "
                         "neighbour)")
-    p.add_argument("--edge-weight", default="attention", choices=["attention", "affinity"])
-    p.add_argument("--images-root", metavar="PATH",
+    p.add_argument("--edge-weight", default="attention", choices=["attention", "affinity"],
+                   help="edge width: the first layer's message weight, confidence x "
+                        "affinity (attention, default), or the affinity a_ij alone (Eq. 6)")
+    p.add_argument("--images-root", metavar="PATH", type=input_dir,
                    help="folder the `paths` are relative to (default: DIR/../images)")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, type=output_file, metavar="PNG",
+                   help="PNG to write")
     _add_model(p)
     p.set_defaults(func=_show_graph)
 
@@ -57,46 +71,74 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(or a synthetic world) and plot them; or plot curves saved earlier "
                     "with --json (--from-json).")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="DIR", help="folder with train/query/gallery.npz")
-    src.add_argument("--synthetic", metavar="PRESET",
+    src.add_argument("--data", metavar="DIR", type=input_dir,
+                     help="folder with train/query/gallery.npz")
+    src.add_argument("--synthetic", metavar="PRESET", choices=_presets(),
                      help="a synthetic world preset instead of files (e.g. tiny, demo)")
-    src.add_argument("--from-json", metavar="JSON", help="plot curves written by --json")
-    p.add_argument("--rows", default="baseline,oan,avg,orgnn",
+    src.add_argument("--from-json", metavar="JSON", type=input_file,
+                     help="plot curves written by --json")
+    p.add_argument("--rows", default="baseline,oan,avg,orgnn", type=choices_list(ROWS),
                    help="comma-separated ablation rows (default baseline,oan,avg,orgnn)")
-    p.add_argument("--max-rank", type=int, default=20, help="last rank plotted (default 20)")
-    p.add_argument("--json", help="also write the curves and metrics to this JSON file")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--max-rank", type=int_range(1), default=20,
+                   help="last rank plotted, >= 1 (default 20)")
+    p.add_argument("--json", type=output_file, metavar="FILE",
+                   help="also write the curves and metrics to this JSON file; the PNG and "
+                        "the JSON are made visible together, the JSON last (it records "
+                        "the PNG's SHA-256)")
+    p.add_argument("--out", required=True, type=output_file, metavar="PNG",
+                   help="PNG to write")
     _add_model(p)
     p.set_defaults(func=_plot_cmc)
 
 
 # --------------------------------------------------------------------------------------
+def _presets() -> list[str]:
+    from orgnn.datasets import PRESETS
+
+    return sorted(PRESETS)
+
+
 def _add_data(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="DIR", help="folder with query/gallery(/train).npz")
-    src.add_argument("--synthetic", metavar="PRESET",
+    src.add_argument("--data", metavar="DIR", type=input_dir,
+                     help="folder with query/gallery(/train).npz")
+    src.add_argument("--synthetic", metavar="PRESET", choices=_presets(),
                      help="a synthetic world preset instead of files (e.g. tiny, demo)")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     from orgnn.commands import _add_search_options, _add_train_options
 
-    p.add_argument("--checkpoint", metavar="CKPT",
+    p.add_argument("--checkpoint", metavar="CKPT", type=input_file,
                    help="checkpoint from `orgnn train` (default: train on DIR/train.npz "
                         "for --epochs; --epochs 0: the untrained identity-initialised model)")
     _add_search_options(p)
-    _add_train_options(p)
+    _add_train_options(p, min_epochs=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _splits(args: argparse.Namespace, need_train: bool) -> dict:
+    """Load (or generate) the splits, then check the arguments that depend on them."""
+    from orgnn.commands import fit_to_data, visibility_warnings
     from orgnn.datasets import synthetic_preset
     from orgnn.features import load_split_dir
 
     if args.synthetic:
-        return synthetic_preset(args.synthetic, seed=args.seed)
-    names = ("train", "query", "gallery") if need_train else ("query", "gallery")
-    return load_split_dir(args.data, splits=names)
+        splits = synthetic_preset(args.synthetic, seed=args.seed)
+        where = f"synthetic '{args.synthetic}' "
+    else:
+        names = ("train", "query", "gallery") if need_train else ("query", "gallery")
+        splits = load_split_dir(args.data, splits=names)
+        where = str(Path(args.data)) + "/"
+    indices = getattr(args, "query_index", None)
+    indices = [indices] if isinstance(indices, int) else indices or []
+    bad = [i for i in indices if i >= len(splits["query"])]
+    if bad:
+        raise ValueError(f"--query-index {bad[0]} out of range: {where}query.npz has "
+                         f"{len(splits['query'])} queries")
+    fit_to_data(args, splits, where)
+    visibility_warnings(splits, where, oan=True)
+    return splits
 
 
 def _needs_train(args: argparse.Namespace) -> bool:
@@ -114,7 +156,12 @@ def _models(args: argparse.Namespace, splits: dict, keys=("orgnn",)) -> dict:
     out = {}
     for key in keys:
         if key == "orgnn" and args.checkpoint:
+            from orgnn.commands import check_checkpoint
+
             out[key] = prepare_model(checkpoint=args.checkpoint)
+            where = f"{args.data}/query.npz" if args.data else \
+                f"synthetic world '{args.synthetic}'"
+            check_checkpoint(out[key], args.checkpoint, splits["query"], where)
         else:
             out[key] = prepare_model(train, config=config, progress=not args.quiet,
                                      outlier_aware=key == "orgnn")
@@ -125,10 +172,7 @@ def _images_root(args: argparse.Namespace) -> Path | None:
     from orgnn.viz import default_images_root
 
     if args.images_root:
-        root = Path(args.images_root)
-        if not root.is_dir():
-            raise ValueError(f"--images-root {root}: no such folder")
-        return root
+        return Path(args.images_root)
     if args.data:
         root = default_images_root(args.data)
         return root if root.is_dir() else None
@@ -136,13 +180,7 @@ def _images_root(args: argparse.Namespace) -> Path | None:
 
 
 def _rows(text: str) -> list[str]:
-    from orgnn.viz import RANK_ROWS
-
-    rows = [r.strip() for r in text.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in RANK_ROWS]
-    if not rows or unknown:
-        raise ValueError(f"--rows: unknown rows {unknown}; choose from {', '.join(RANK_ROWS)}")
-    return rows
+    return text.split(",")  # checked while parsing (cli_args.choices_list)
 
 
 def _helped_most(dists: dict, query, gallery, top: int, count: int = 3) -> list[int]:
@@ -164,6 +202,22 @@ def _helped_most(dists: dict, query, gallery, top: int, count: int = 3) -> list[
     return [int(i) for i in np.argsort(-score, kind="stable")[:count]]
 
 
+def _figure(out: str, draw) -> dict:
+    """Draw into a temporary sibling of ``out`` with ``draw(path)``, then rename it to
+    ``out`` (recorded in :data:`orgnn.io_atomic.committed`)."""
+    from orgnn.io_atomic import FileSet
+
+    with FileSet() as outputs:
+        png = FileSet.temp_path(out, ".png")
+        try:
+            info = draw(png)
+        except BaseException:
+            png.unlink(missing_ok=True)
+            raise
+        outputs.add(out, temp=png).commit()
+    return {**info, "path": str(out)}
+
+
 # --------------------------------------------------------------------------------------
 def _show_ranks(args: argparse.Namespace) -> int:
     from orgnn.commands import _configs
@@ -178,8 +232,8 @@ def _show_ranks(args: argparse.Namespace) -> int:
     models = _models(args, splits, keys) if model_rows & set(rows) else {}
     dists = row_distances(query, gallery, rows, _configs(args).search, models)
     indices = args.query_index or _helped_most(dists, query, gallery, args.top)
-    info = plot_ranks(args.out, query, gallery, dists, indices, top=args.top,
-                      images_root=_images_root(args))
+    info = _figure(args.out, lambda png: plot_ranks(
+        png, query, gallery, dists, indices, top=args.top, images_root=_images_root(args)))
     print(f"wrote {info['path']} ({info['size'][0]}x{info['size'][1]} px): "
           f"{info['num_queries']} queries x {len(rows)} rankings, {info['num_tiles']} tiles "
           f"({info['num_image_tiles']} from images)")
@@ -200,8 +254,9 @@ def _show_graph(args: argparse.Namespace) -> int:
     index = args.query_index
     if index is None:
         index = _first_interesting(query, gallery, search)
-    info = plot_graph(args.out, query, gallery, index, model, search,
-                      edge_weight=args.edge_weight, images_root=_images_root(args))
+    info = _figure(args.out, lambda png: plot_graph(
+        png, query, gallery, index, model, search, edge_weight=args.edge_weight,
+        images_root=_images_root(args)))
     conf = np.asarray(info["confidence"])
     wrong = ~np.isin(info["neighbours"], np.flatnonzero(gallery.pids == query.pids[index]))
     print(f"wrote {info['path']} ({info['size'][0]}x{info['size'][1]} px): query {index}, "
@@ -230,23 +285,34 @@ def _first_interesting(query, gallery, search) -> int:
 
 
 def _plot_cmc(args: argparse.Namespace) -> int:
-    from orgnn.commands import _configs, write_json_atomic
+    from orgnn.commands import _configs, counts_line, query_counts
+    from orgnn.io_atomic import FileSet, sha256_file
     from orgnn.viz import ablation_cmc, plot_cmc
 
+    if args.json and Path(args.json).resolve() == Path(args.out).resolve():
+        raise ValueError(f"--json and --out name the same file ({args.out})")
+    counts = None
     if args.from_json:
+        if args.json:
+            raise ValueError("--json writes curves computed from --data or --synthetic; "
+                             "with --from-json there is nothing new to write")
         path = Path(args.from_json)
         try:
             payload = json.loads(path.read_text())
             curves = payload["rows"]
-        except FileNotFoundError:
-            raise
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if not isinstance(curves, dict) or not all("cmc" in r for r in curves.values()):
+                raise TypeError("rows")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not a CMC file written by `orgnn plot-cmc --json` "
                              f"({type(err).__name__})") from None
         title = payload.get("title")
     else:
         rows = _rows(args.rows)
         splits = _splits(args, need_train=_needs_train(args) or "oan_gnn" in rows)
+        counts = query_counts(splits["query"], splits["gallery"])
+        from orgnn.commands import check_scored
+
+        check_scored(counts)
         keys = [k for k in ("orgnn", "oan_gnn") if k in rows or (
             k == "orgnn" and {"gnn", "orgnn_rr", "upper_bound"} & set(rows))]
         models = _models(args, splits, keys)
@@ -256,15 +322,30 @@ def _plot_cmc(args: argparse.Namespace) -> int:
         where = "/".join(Path(args.data).resolve().parts[-2:]) if args.data else \
             f"synthetic '{args.synthetic}'"
         title = f"CMC on {where}"
+    # The figure and its JSON are one set: both written first, then renamed figure first,
+    # JSON last (it names the figure's SHA-256), with SIGINT/SIGTERM held meanwhile.
+    with FileSet() as outputs:
+        png = FileSet.temp_path(args.out, ".png")
+        try:
+            info = plot_cmc(png, curves, title)
+        except BaseException:
+            png.unlink(missing_ok=True)
+            raise
+        outputs.add(args.out, temp=png)
         if args.json:
-            write_json_atomic(args.json, {"title": title, "max_rank": args.max_rank,
-                                          "rows": curves})
-            print(f"wrote {args.json}")
-    info = plot_cmc(args.out, curves, title)
-    print(f"wrote {info['path']} ({info['size'][0]}x{info['size'][1]} px): "
-          f"{info['num_curves']} curves")
+            outputs.add_json(args.json, {
+                "title": title, "max_rank": args.max_rank, "rows": curves,
+                "queries": counts,
+                "figure": {"path": str(args.out), "sha256": sha256_file(png)}})
+        outputs.commit()
+    print(f"wrote {args.out} ({info['size'][0]}x{info['size'][1]} px): "
+          f"{info['num_curves']} curves" + (f"; wrote {args.json}" if args.json else ""))
     for name, row in curves.items():
         cmc = row["cmc"]
-        print(f"  {name:<12} rank1 {cmc[0]:5.1f}  rank5 {cmc[min(4, len(cmc) - 1)]:5.1f}  "
+        rank1 = row.get("rank1", cmc[0])
+        rank5 = row.get("rank5", cmc[min(4, len(cmc) - 1)])
+        print(f"  {name:<12} rank1 {rank1:5.1f}  rank5 {rank5:5.1f}  "
               f"mAP {row.get('mAP', float('nan')):5.1f}")
+    if counts:
+        print(counts_line(counts))
     return 0

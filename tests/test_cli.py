@@ -60,13 +60,14 @@ def test_training_options_reach_the_checkpoint(data_dir, tmp_path):
     from orgnn.training import load_checkpoint
 
     ckpt = tmp_path / "random-head.pt"
-    assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--epochs", "0",
-                 "--classifier-init", "random", "--target-init", "mean"]) == 0
+    assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--epochs", "1",
+                 "--classifier-init", "random", "--target-init", "mean", "--quiet"]) == 0
     model, config = load_checkpoint(ckpt)
     assert (config.classifier_init, config.target_init) == ("random", "mean")
     assert model.classifier.abs().max() < 1e-2                 # not imprinted
     default = tmp_path / "default.pt"
-    assert main(["train", "--data", str(data_dir), "--out", str(default), "--epochs", "0"]) == 0
+    assert main(["train", "--data", str(data_dir), "--out", str(default), "--epochs", "1",
+                 "--quiet"]) == 0
     assert load_checkpoint(default)[1].classifier_init == "imprint"
 
 
