@@ -406,7 +406,7 @@ def graph_weights(model: ORGNN, x: torch.Tensor, mask: torch.Tensor
         xk = x[k]
         aff.append(sparse_affinity(xk[:, None, :], xk[None, :, :], layer.att_weight[k],
                                    layer.att_bias[k]))
-        _, alpha = layer.part(k)(xk, mask, return_attention_weights=True)
+        _, alpha = layer.part(k)(xk, mask=mask, return_attention_weights=True)
         att.append(alpha)
     return {"confidence": torch.stack(conf).numpy(), "affinity": torch.stack(aff).numpy(),
             "attention": torch.stack(att).numpy()}

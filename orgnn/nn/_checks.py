@@ -1,7 +1,9 @@
 """Input checks shared by the layers: clear messages instead of tracebacks from deep inside.
 
-The checks read tensor values (NaN, index range), so they are skipped while
-``torch.compile`` traces (they would break the graph) and cost one pass otherwise.
+The checks that read tensor values (NaN, index range, 0/1 masks) are skipped while
+``torch.compile`` traces (they would break the graph) and on the ``meta`` device (there are
+no values: shape inference and ``to_empty`` flows run the forward there); shapes and dtypes
+are still checked there. Otherwise they cost one pass.
 """
 from __future__ import annotations
 
@@ -11,6 +13,11 @@ from torch import Tensor
 
 def checks_enabled() -> bool:
     return not (torch.compiler.is_compiling() or torch.jit.is_scripting())
+
+
+def has_values(t: Tensor) -> bool:
+    """:obj:`False` for tensors without data (the ``meta`` device)."""
+    return t.device.type != "meta"
 
 
 def check_features(x: Tensor, in_channels: int, name: str, rank: tuple[int, ...]) -> None:
@@ -29,6 +36,8 @@ def check_features(x: Tensor, in_channels: int, name: str, rank: tuple[int, ...]
 
 
 def check_finite(x: Tensor, name: str) -> None:
+    if not has_values(x):
+        return
     # A sum is one cheap pass and is non-finite whenever any entry is (or on overflow,
     # in which case the exact check below finds nothing and passes).
     if bool(torch.isfinite(x.sum(dtype=torch.float32))):
@@ -44,7 +53,8 @@ def check_finite(x: Tensor, name: str) -> None:
                      f"({where})")
 
 
-def check_edge_index(edge_index: Tensor, num_nodes: int, name: str) -> None:
+def check_edge_index(edge_index: Tensor, num_nodes: int | tuple[int, int], name: str) -> None:
+    """``num_nodes``: one node count, or ``(num_src, num_dst)`` for a bipartite graph."""
     if not isinstance(edge_index, Tensor):
         raise TypeError(f"{name}: edge_index must be a torch.Tensor, got "
                         f"{type(edge_index).__name__}")
@@ -54,18 +64,42 @@ def check_edge_index(edge_index: Tensor, num_nodes: int, name: str) -> None:
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"{name}: edge_index must have shape (2, num_edges), got "
                          f"{tuple(edge_index.shape)}")
-    if edge_index.numel() == 0:
+    if edge_index.numel() == 0 or not has_values(edge_index):
         return
-    low, high = int(edge_index.min()), int(edge_index.max())
+    if isinstance(num_nodes, int):
+        _check_range(edge_index, num_nodes, name, "x")
+    else:
+        _check_range(edge_index[0], num_nodes[0], name, "the source x", "edge_index[0]")
+        _check_range(edge_index[1], num_nodes[1], name, "the target x", "edge_index[1]")
+
+
+def _check_range(index: Tensor, num_nodes: int, name: str, what: str,
+                 label: str = "edge_index") -> None:
+    low, high = int(index.min()), int(index.max())
     if low < 0 or high >= num_nodes:
         bad = low if low < 0 else high
-        raise ValueError(f"{name}: edge_index refers to node {bad}, but x has {num_nodes} "
+        raise ValueError(f"{name}: {label} refers to node {bad}, but {what} has {num_nodes} "
                          f"nodes (valid indices are 0..{num_nodes - 1})")
 
 
-def check_mask(mask: Tensor, expected: tuple[int, ...], name: str) -> None:
-    if mask.dtype != torch.bool:
-        raise TypeError(f"{name}: mask must be a bool tensor, got {mask.dtype}")
-    if tuple(mask.shape) != expected:
-        raise ValueError(f"{name}: mask must have shape {expected} to match x, got "
+def check_mask(mask: Tensor, expected: tuple[int, ...], name: str,
+               what: str = "x") -> None:
+    """``expected``: the accepted shapes (the first one is named in the error)."""
+    if not (mask.dtype == torch.bool or mask.is_floating_point()
+            or mask.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{name}: mask must be a bool or 0/1 tensor, got {mask.dtype}")
+    shapes = expected if isinstance(expected[0], tuple) else (expected,)
+    if tuple(mask.shape) not in shapes:
+        raise ValueError(f"{name}: mask must have shape {shapes[0]} to match {what}, got "
                          f"{tuple(mask.shape)}")
+    check_binary(mask, name, "mask")
+
+
+def check_binary(t: Tensor, name: str, label: str) -> None:
+    """Refuse entries other than 0 and 1 (bool tensors pass without a look)."""
+    if t.dtype == torch.bool or not has_values(t) or t.numel() == 0:
+        return
+    bad = (t != 0) & (t != 1)
+    if bool(bad.any()):
+        value = t[bad][0].item()
+        raise ValueError(f"{name}: {label} must hold only 0 and 1, found {value}")

@@ -18,6 +18,8 @@ Leading dimensions broadcast, which is how the per-part model runs all parts in 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torch_geometric.utils import scatter
@@ -280,3 +282,266 @@ def sparse_normalise(weight: Tensor, dst: Tensor, num_nodes: int) -> Tensor:
     has_weight = denom > _MIN_DENOM
     safe = torch.where(has_weight, denom, ones)
     return torch.where(has_weight, weight / safe, ones / degree)
+
+
+# --------------------------------------------------------------------------------------
+# General and bipartite graphs: Eq. 4 per edge
+# --------------------------------------------------------------------------------------
+# torch warns that sparse CSR support is "in beta" on first use; the CSR rendering below uses
+# its settled core (construction, mm, sampled_addmm), and the warning would reach every user.
+warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+
+
+def edge_confidence(dot: Tensor, sq_src: Tensor, sq_sum: Tensor, has_others: Tensor) -> Tensor:
+    r"""Eq. 4 per edge :math:`j \to i` of a general (or bipartite) graph, from three scalars.
+
+    .. math::
+        c_{ij} = \max\Big(0, \cos\big(\mathbf{x}_j, \mathbf{S}_i - \mathbf{x}_j\big)\Big),
+        \qquad \mathbf{S}_i = \mathbf{x}_i + \textstyle\sum_{l \in \mathcal{N}(i)
+            \setminus \{i\}} \mathbf{x}_l,
+
+    the cosine between a sender and the sum (equivalently the mean) of the other members of
+    the receiver's closed neighbourhood: the receiver itself and its other senders. On a
+    complete graph :math:`\mathbf{S}_i` is the sum over all nodes for every :math:`i`, so
+    :math:`c_{ij}` is the paper's :math:`c_j`. With :math:`\langle \mathbf{x}_j,
+    \mathbf{S}_i\rangle`, :math:`|\mathbf{x}_j|^2` and :math:`|\mathbf{S}_i|^2` known,
+    :math:`\langle \mathbf{x}_j, \mathbf{S}_i - \mathbf{x}_j\rangle = \langle \mathbf{x}_j,
+    \mathbf{S}_i\rangle - |\mathbf{x}_j|^2` and :math:`|\mathbf{S}_i - \mathbf{x}_j|^2 =
+    |\mathbf{S}_i|^2 - 2\langle \mathbf{x}_j, \mathbf{S}_i\rangle + |\mathbf{x}_j|^2`.
+
+    Args:
+        dot: :math:`\langle \mathbf{x}_j, \mathbf{S}_i\rangle` per edge.
+        sq_src: :math:`|\mathbf{x}_j|^2` per edge (broadcastable to ``dot``).
+        sq_sum: :math:`|\mathbf{S}_i|^2` per edge (broadcastable to ``dot``).
+        has_others: bool, :obj:`False` where :math:`\mathcal{N}(i) \cup \{i\} \setminus
+            \{j\}` is empty (a self-loop at a node without other senders): there
+            :math:`c_{ij} = 1`.
+
+    Returns:
+        Confidences in :math:`[0, 1]`, shaped like ``dot``.
+    """
+    dot_others = dot - sq_src                                     # <x_j, S_i - x_j>
+    sq_others = (sq_sum - dot) - dot_others                       # |S_i - x_j|^2
+    cos = _safe_cosine(dot_others, sq_src, sq_others).clamp_min(0)
+    return torch.where(has_others, cos, torch.ones_like(cos))
+
+
+def closed_neighbour_sum(x_dst: Tensor, nbr_sum: Tensor, self_count: Tensor | None) -> Tensor:
+    r""":math:`\mathbf{S}_i = \mathbf{x}_i + \sum_{l \to i,\, l \ne i} \mathbf{x}_l` from the
+    sum over all incoming edges, :math:`\mathbf{S}_i = \sum_{l \to i} \mathbf{x}_l +
+    (1 - n^{\circ}_i)\,\mathbf{x}_i` (:math:`n^{\circ}_i` self-loops at :math:`i`;
+    ``self_count=None`` for a bipartite graph, which has none).
+
+    Args:
+        x_dst: ``(N_dst, ..., F)`` receiver features.
+        nbr_sum: ``(N_dst, ..., F)`` sums of the incoming messages' features.
+        self_count: ``(N_dst,)`` self-loops per receiver, or :obj:`None`.
+    """
+    if self_count is None:
+        return nbr_sum + x_dst
+    return torch.addcmul(nbr_sum, _expand_like(1 - self_count, x_dst), x_dst)
+
+
+def sparse_orgnn_weights(
+    x_src: Tensor,
+    x_dst: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    att_weight: Tensor,
+    att_bias: Tensor,
+    outlier_aware: bool = True,
+    bipartite: bool = False,
+    x_j: Tensor | None = None,
+) -> Tensor:
+    r"""The normalised weights :math:`c_{ij} a_{ij} / \sum_{j'} c_{ij'} a_{ij'}` of Eq. 5 on
+    an ``edge_index``, with Eq. 4 per edge (:func:`edge_confidence`) and Eq. 6 through
+    :math:`V \cdot (\mathbf{x}_i - \mathbf{x}_j)^{\circ 2} = s_i + s_j - 2\langle V \circ
+    \mathbf{x}_i, \mathbf{x}_j\rangle` (:math:`s_i = V \cdot \mathbf{x}_i^{\circ 2}`).
+
+    Edge features are gathered and scattered (one ``(|E|, F)`` gather of the sources, one
+    ``(|E|, 2F)`` gather of :math:`[\mathbf{S}_i, V \circ \mathbf{x}_i]`, one scatter for
+    :math:`\mathbf{S}`); the layer uses this rendering when its messages must go through
+    :meth:`~torch_geometric.nn.conv.MessagePassing.message` (explainers, hooks,
+    ``torch.compile``) and :func:`csr_orgnn_weights` otherwise.
+
+    Args:
+        x_src: ``(N_src, F)`` sender features.
+        x_dst: ``(N_dst, F)`` receiver features (``x_src`` itself for one node set).
+        src, dst: ``(|E|,)`` edge endpoints (messages flow ``src -> dst``).
+        att_weight: :math:`V`, ``(F,)``.
+        att_bias: :math:`b`, a one-element tensor.
+        outlier_aware: use Eq. 4; :obj:`False` sets :math:`c = 1`.
+        bipartite: senders and receivers are distinct nodes (no edge is a self-loop).
+        x_j: ``x_src[src]`` when the caller has gathered it already.
+
+    Returns:
+        ``(|E|,)`` edge weights, summing to 1 over each receiver's incoming edges.
+    """
+    num_dst = x_dst.size(0)
+    if x_j is None:
+        x_j = x_src.index_select(0, src)
+    vx_dst = x_dst * att_weight
+    s_src = _dot(x_src * att_weight, x_src) if bipartite else _dot(vx_dst, x_dst)
+    s_dst = _dot(vx_dst, x_dst)
+    if outlier_aware:
+        nbr_sum = scatter(x_j, dst, dim=0, dim_size=num_dst, reduce="sum")
+        ones = x_j.new_ones(dst.shape)
+        degree = scatter(ones, dst, dim=0, dim_size=num_dst, reduce="sum")
+        if bipartite:
+            self_count = None
+            others = degree
+        else:
+            self_count = scatter((src == dst).to(x_j.dtype), dst, dim=0, dim_size=num_dst,
+                                 reduce="sum")
+            others = degree - self_count
+        s_sum = closed_neighbour_sum(x_dst, nbr_sum, self_count)
+        q_i = torch.stack([vx_dst, s_sum], dim=-2).index_select(0, dst)   # (E, 2, F)
+        dots = (q_i @ x_j.unsqueeze(-1)).squeeze(-1)                      # (E, 2)
+        cross, dot_sum = dots[:, 0], dots[:, 1]
+        confidence = edge_confidence(dot_sum, _dot(x_j, x_j), _dot(s_sum, s_sum)[dst],
+                                     others.index_select(0, dst) > 0)
+    else:
+        cross = _dot(vx_dst.index_select(0, dst), x_j)
+        confidence = x_j.new_ones(dst.shape)
+    logits = s_dst.index_select(0, dst) + s_src.index_select(0, src) - 2 * cross + att_bias
+    return sparse_edge_weights(confidence, logits, dst, num_dst)
+
+
+def csr_orgnn_weights(
+    x_src: Tensor,
+    x_dst: Tensor,
+    crow: Tensor,
+    col: Tensor,
+    row: Tensor,
+    att_weight: Tensor,
+    att_bias: Tensor,
+    outlier_aware: bool = True,
+    bipartite: bool = False,
+) -> Tensor:
+    r""":func:`sparse_orgnn_weights` on a CSR adjacency (rows are receivers), without any
+    ``(|E|, F)`` tensor: :math:`\mathbf{S}` is one sparse-dense product, the per-edge dot
+    products :math:`\langle \mathbf{S}_i, \mathbf{x}_j\rangle` and :math:`\langle V \circ
+    \mathbf{x}_i, \mathbf{x}_j\rangle` are sampled dense-dense products
+    (:func:`torch.sparse.sampled_addmm`), everything else is per node or per edge scalar.
+
+    Args:
+        x_src, x_dst, att_weight, att_bias, outlier_aware, bipartite: as in
+            :func:`sparse_orgnn_weights`.
+        crow: ``(N_dst + 1,)`` CSR row pointers.
+        col: ``(|E|,)`` sender of each edge, in CSR order.
+        row: ``(|E|,)`` receiver of each edge, in CSR order.
+
+    Returns:
+        ``(|E|,)`` edge weights in CSR order.
+    """
+    num_dst, num_src = x_dst.size(0), x_src.size(0)
+    vx_dst = x_dst * att_weight
+    s_src = _dot(x_src * att_weight, x_src) if bipartite else _dot(vx_dst, x_dst)
+    s_dst = _dot(vx_dst, x_dst)
+    pattern = torch.sparse_csr_tensor(crow, col, x_src.new_zeros(col.shape),
+                                      size=(num_dst, num_src), check_invariants=False)
+    x_src_t = x_src.t()
+    cross = torch.sparse.sampled_addmm(pattern, vx_dst, x_src_t, beta=0.0).values()
+    if outlier_aware:
+        degree = (crow[1:] - crow[:-1]).to(x_src.dtype)
+        if bipartite:
+            others = degree
+            values = x_src.new_ones(col.shape)
+        else:
+            is_self = (col == row).to(x_src.dtype)
+            others = degree - scatter(is_self, row, dim=0, dim_size=num_dst, reduce="sum")
+            values = 1 - is_self
+        adj = torch.sparse_csr_tensor(crow, col, values, size=(num_dst, num_src),
+                                      check_invariants=False)
+        # Self-loops left out of the sum and x_i added once: S_i = x_i + sum_{l != i} x_l.
+        s_sum = torch.sparse.mm(adj, x_src) + x_dst
+        dot_sum = torch.sparse.sampled_addmm(pattern, s_sum, x_src_t, beta=0.0).values()
+        sq_src = _dot(x_src, x_src)
+        confidence = edge_confidence(dot_sum, sq_src.index_select(0, col),
+                                     _dot(s_sum, s_sum).index_select(0, row),
+                                     others.index_select(0, row) > 0)
+    else:
+        confidence = x_src.new_ones(col.shape)
+    logits = s_dst.index_select(0, row) + s_src.index_select(0, col) - 2 * cross + att_bias
+    return sparse_edge_weights(confidence, logits, row, num_dst)
+
+
+def dense_adj_orgnn_aggregate(
+    x: Tensor,
+    adj: Tensor,
+    valid: Tensor,
+    att_weight: Tensor,
+    att_bias: Tensor,
+    outlier_aware: bool = True,
+    add_self_loops: bool = False,
+) -> tuple[Tensor, Tensor]:
+    r"""The normalised weighted sum of Eq. 5 (before :math:`\mathbf{W}` and the activation)
+    on padded batches of general graphs given by a dense adjacency, with Eq. 4 per edge as in
+    :func:`edge_confidence`:
+
+    .. math::
+        \mathbf{h}_i = \frac{\sum_{j \in \mathcal{N}(i)} c_{ij} a_{ij} \mathbf{x}_j}
+                            {\sum_{j \in \mathcal{N}(i)} c_{ij} a_{ij}},
+        \qquad \mathbf{S}_i = \mathbf{x}_i + \textstyle\sum_{l \in \mathcal{N}(i)
+            \setminus \{i\}} \mathbf{x}_l.
+
+    Five batched matrix products, none ``B x N x N x F``: :math:`(X \circ V) X^\top` (Eq. 6),
+    :math:`\mathbf{S} = X + A^{\circ} X` (:math:`A^{\circ}` the adjacency without its
+    diagonal), :math:`\mathbf{S} X^\top` (Eq. 4's dot products) and :math:`\alpha X`.
+    On a complete graph this equals :func:`dense_orgnn_aggregate`, which needs fewer
+    products (:math:`\mathbf{S}_i` is the same for every :math:`i` there).
+
+    Args:
+        x: ``(..., N, F)`` node features.
+        adj: ``(..., N, N)`` adjacency (broadcastable to ``x``'s leading dimensions):
+            ``adj[..., i, j] != 0`` when node :math:`j` sends a message to node :math:`i`
+            (PyG's transposed ``adj_t`` orientation, and the layout of the returned weights).
+            Values other than zero only mark edges; the diagonal holds self-loops.
+        valid: ``(..., N)`` bool or 0/1 mask of real (non-padded) nodes; edges from or to
+            padded nodes are dropped.
+        att_weight: :math:`V`, broadcastable to ``(..., N, F)``.
+        att_bias: :math:`b`, broadcastable to ``(..., N, N)``.
+        outlier_aware: use Eq. 4's confidence; ``False`` sets :math:`c = 1`.
+        add_self_loops: give every valid node a self-loop (the diagonal of ``adj`` is
+            replaced).
+
+    Returns:
+        ``(h, alpha)``: ``(..., N, F)`` aggregated features (zero for a node without
+        incoming edges) and ``(..., N, N)`` edge weights (row :math:`i` holds node
+        :math:`i`'s incoming ones).
+    """
+    valid = valid.to(torch.bool)
+    num_nodes = x.size(-2)
+    eye = torch.eye(num_nodes, dtype=torch.bool, device=x.device)
+    edge = (adj != 0) & valid.unsqueeze(-1) & valid.unsqueeze(-2)
+    if add_self_loops:
+        edge = torch.where(eye, valid.unsqueeze(-1), edge)
+    x_t = x.transpose(-1, -2)
+
+    # Eq. 6 through the identity: logits_ij = s_i + s_j - 2 <V o x_i, x_j> + b.
+    vx = x * att_weight
+    cross = vx @ x_t
+    s = cross.diagonal(dim1=-2, dim2=-1)
+    logits = (s.unsqueeze(-1) + (s.unsqueeze(-2) + att_bias)).add_(cross, alpha=-2)
+    log_a = torch.nn.functional.logsigmoid(logits).masked_fill(~edge, float("-inf"))
+    weight = _exp_shifted(log_a, log_a.detach().amax(-1, keepdim=True))
+    if outlier_aware:
+        off = edge & ~eye
+        off_f = off.to(x.dtype)
+        s_sum = x + off_f @ x                                         # S_i
+        dot_sum = s_sum @ x_t                                         # <S_i, x_j>
+        confidence = edge_confidence(dot_sum, _dot(x, x).unsqueeze(-2),
+                                     _dot(s_sum, s_sum).unsqueeze(-1),
+                                     off.any(-1, keepdim=True))
+        # where, not a product: a padded node's (finite but arbitrary) features may give a
+        # non-finite cosine in a column that carries no edge.
+        weight = weight * torch.where(edge, confidence, 0.0)
+
+    # Normalise; a (numerically) zero denominator falls back to the plain mean over the edges.
+    denom = weight.sum(-1, keepdim=True)
+    has_weight = denom > _MIN_DENOM
+    edge_f = edge.to(x.dtype)
+    fallback = (~has_weight) / edge_f.sum(-1, keepdim=True).clamp_min(1)
+    alpha = torch.addcmul(weight * (has_weight / torch.where(has_weight, denom, 1)), edge_f,
+                          fallback)
+    return alpha @ x, alpha

@@ -52,7 +52,7 @@ def test_dense_equals_loop_reference(outlier_aware):
     conv = _random_conv(DenseORGNNConv, 12, 7, outlier_aware=outlier_aware)
     graphs = _graphs(SIZES, 12)
     x, mask = pad(graphs)
-    out = conv(x, mask)
+    out = conv(x, mask=mask)
     for b, g in enumerate(graphs):
         expected = orgnn_layer_loop(g, *_params(conv), outlier_aware)
         torch.testing.assert_close(out[b, : g.shape[0]], expected, atol=1e-5, rtol=1e-4)
@@ -68,7 +68,7 @@ def test_gradients_equal_loop_reference():
             out = conv(torch.cat(graphs), complete_edge_index(sizes))
         else:
             x, mask = pad(graphs)
-            out = conv(x, mask)[mask]
+            out = conv(x, mask=mask)[mask]
         weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
         grads = torch.autograd.grad((out * weights).sum(), [*graphs, *_params(conv)])
         expected = torch.cat([orgnn_layer_loop(g, *_params(conv)) for g in graphs])
@@ -86,7 +86,7 @@ def test_gradcheck_float64():
     dense = _random_conv(DenseORGNNConv, 4, 3, dtype=torch.float64)
     xd = torch.rand(2, 3, 4, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    assert torch.autograd.gradcheck(lambda x_: dense(x_, mask), (xd,))
+    assert torch.autograd.gradcheck(lambda x_: dense(x_, mask=mask), (xd,))
 
 
 def test_sparse_equals_dense_and_state_dicts_interchange():
@@ -95,7 +95,7 @@ def test_sparse_equals_dense_and_state_dicts_interchange():
     dense.load_state_dict(sparse.state_dict())
     graphs = _graphs([3, 2], 16)
     x, mask = pad(graphs)
-    out_dense = dense(x, mask)
+    out_dense = dense(x, mask=mask)
     out_sparse = sparse(torch.cat(graphs), complete_edge_index([3, 2]))
     assert out_dense[1, 2].abs().sum() == 0          # padded row
     torch.testing.assert_close(out_dense[mask], out_sparse, atol=1e-5, rtol=1e-4)
@@ -122,7 +122,7 @@ def test_self_loops_option_matches_between_layers_and_reference():
                           for g in graphs])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     x, mask = pad(graphs)
-    torch.testing.assert_close(dense(x, mask)[mask], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dense(x, mask=mask)[mask], expected, atol=1e-5, rtol=1e-4)
     # A lone node with a self-loop transforms its own feature.
     lone = torch.relu(sparse.lin(graphs[0]))
     torch.testing.assert_close(out[:1], lone)
@@ -185,7 +185,7 @@ def test_saturated_affinities_match_float64_reference_with_finite_gradients():
     graphs = [g.float().requires_grad_() for g in graphs64]
     x, mask = pad(graphs)
     out_sparse = sparse(torch.cat(graphs), complete_edge_index(sizes))
-    out_dense = dense(x, mask)[mask]
+    out_dense = dense(x, mask=mask)[mask]
     for out in (out_sparse, out_dense):
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
         grads = torch.autograd.grad(out.square().sum(), [*graphs, *_params(sparse)],
@@ -216,7 +216,7 @@ def test_return_attention_weights_and_other_adjacency_forms():
     dense = DenseORGNNConv(8, 8)
     dense.load_state_dict(conv.state_dict())
     xd, mask = pad(graphs)
-    _, dense_w = dense(xd, mask, return_attention_weights=True)
+    _, dense_w = dense(xd, mask=mask, return_attention_weights=True)
     torch.testing.assert_close(dense_w[0, :4, :4], dense_alpha[:4, :4], atol=1e-6, rtol=1e-5)
 
 
@@ -255,8 +255,8 @@ def test_bfloat16_dense_and_sparse():
     dense.load_state_dict(sparse.state_dict())
     graphs = _graphs([6, 4], 16)
     x, mask = pad(graphs)
-    ref = dense(x, mask)
-    out = dense.to(torch.bfloat16)(x.bfloat16(), mask)
+    ref = dense(x, mask=mask)
+    out = dense.to(torch.bfloat16)(x.bfloat16(), mask=mask)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
     out_s = sparse.to(torch.bfloat16)(torch.cat(graphs).bfloat16(), complete_edge_index([6, 4]))
@@ -270,13 +270,13 @@ def test_cuda_matches_cpu():
     dense.load_state_dict(sparse.state_dict())
     graphs = _graphs([6, 4], 16)
     x, mask = pad(graphs)
-    ref = dense(x, mask)
-    torch.testing.assert_close(dense.cuda()(x.cuda(), mask.cuda()).cpu(), ref, atol=1e-4,
+    ref = dense(x, mask=mask)
+    torch.testing.assert_close(dense.cuda()(x.cuda(), mask=mask.cuda()).cpu(), ref, atol=1e-4,
                                rtol=1e-4)
     ei = complete_edge_index([6, 4])
     torch.testing.assert_close(sparse.cuda()(torch.cat(graphs).cuda(), ei.cuda()).cpu(),
                                ref[mask], atol=1e-4, rtol=1e-4)
-    out = dense.to(torch.bfloat16)(x.cuda().bfloat16(), mask.cuda())
+    out = dense.to(torch.bfloat16)(x.cuda().bfloat16(), mask=mask.cuda())
     torch.testing.assert_close(out.float().cpu(), ref, atol=5e-2, rtol=5e-2)
 
 
@@ -301,9 +301,13 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"shape \(2, num_edges\)"):
         conv(x, ei[0])
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 3\)"):
-        dense(torch.rand(2, 3, 8), torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(TypeError, match="mask must be a bool"):
-        dense(torch.rand(2, 3, 8), torch.ones(2, 3))
+        dense(torch.rand(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1, found 0.5"):
+        dense(torch.rand(2, 3, 8), mask=torch.full((2, 3), 0.5))
+    with pytest.raises(ValueError, match=r"adj must have shape \(2, 3, 3\).*node mask goes in"):
+        dense(torch.rand(2, 3, 8), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="adj must hold only 0 and 1, found 2"):
+        dense(torch.rand(2, 3, 8), torch.full((3, 3), 2.0))
     bad = x.clone()
     bad[2, 5] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite value.*nan at \(dim 0=2, dim 1=5\)"):

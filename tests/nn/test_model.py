@@ -105,7 +105,7 @@ def test_part_layer_equals_dense_and_sparse_conv():
     out = layer.dense(x.transpose(0, 1), mask.unsqueeze(0).float())
     for k in range(3):
         dense = layer.part(k)
-        torch.testing.assert_close(out[k], dense(x[:, k], mask), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[k], dense(x[:, k], mask=mask), atol=1e-5, rtol=1e-4)
         sparse = ORGNNConv(8, 8)
         sparse.load_state_dict(dense.state_dict())
         torch.testing.assert_close(out[k][mask], sparse(x[:, k][mask], _edges(mask)),
@@ -158,7 +158,7 @@ class _TwoLayerClassifier(torch.nn.Module):
         from torch_geometric.utils import to_dense_batch
         h = self.sparse(x, edge_index)
         h, mask = to_dense_batch(h, batch)
-        h = self.dense(h, mask)
+        h = self.dense(h, mask=mask)
         return self.head(h.sum(1) / mask.sum(1, keepdim=True))
 
 
