@@ -140,7 +140,9 @@ class DenseORGNNConv(torch.nn.Module):
             self.att.initialize_parameters(None, (x,))
 
         att_weight, att_bias = self.att.weight.view(-1), self.att.bias
-        if adj is None:
+        if num_nodes == 0:  # graphs without nodes: nothing to aggregate (and no row maxima)
+            h, alpha = x.new_zeros(x.shape), x.new_zeros(batch_size, 0, 0)
+        elif adj is None:
             h, alpha = dense_orgnn_aggregate(
                 x, mask, att_weight, att_bias, outlier_aware=self.outlier_aware,
                 add_self_loops=self.add_self_loops)

@@ -17,7 +17,7 @@ from torch_geometric.utils.sparse import (
 )
 
 from orgnn.nn import _checks
-from orgnn.nn.functional import csr_orgnn_weights, sparse_orgnn_weights
+from orgnn.nn.functional import csr_orgnn_weights, csr_spmm, sparse_orgnn_weights
 
 # Dtypes for which torch offers the sparse-dense products of the CSR rendering on CPU.
 _CSR_DTYPES = (torch.float32, torch.float64)
@@ -197,7 +197,10 @@ class ORGNNConv(MessagePassing):
             out = self.propagate(graph.edge_index, source=x_j, alpha=alpha,
                                  size=(num_src, num_dst))
         out = self.lin(out)
-        if self.act is not None:
+        if isinstance(self.act, torch.nn.ReLU):
+            # In place: the linear layer's backward does not need its output.
+            out = torch.nn.functional.relu(out, inplace=True)
+        elif self.act is not None:
             out = self.act(out)
         if return_attention_weights:
             return out, graph.with_values(alpha)
@@ -231,7 +234,7 @@ class ORGNNConv(MessagePassing):
     def message_and_aggregate(self, adj_t: Tensor, source: Tensor) -> Tensor:
         # ``adj_t`` holds the normalised weights and ``source`` the senders' node features:
         # Eq. 5's sum is one sparse-dense product.
-        return torch.sparse.mm(adj_t, source)
+        return csr_spmm(adj_t, source)
 
     def __repr__(self) -> str:
         extra = "" if self.outlier_aware else ", outlier_aware=False"
@@ -242,16 +245,15 @@ class ORGNNConv(MessagePassing):
 
 class _Graph:
     """The edges of one forward call in the form the input came in, and as CSR over the
-    receivers when asked (sorted once; nothing to sort for a CSR ``adj_t`` or an
-    :class:`~torch_geometric.EdgeIndex` sorted by column)."""
+    receivers when asked (sorted once, and only when not in that order already, as a CSR
+    ``adj_t`` usually is)."""
 
     def __init__(self, src: Tensor, dst: Tensor, num_src: int, num_dst: int,
-                 original: Tensor, kind: str, sorted_by_dst: bool | None = None,
-                 crow: Tensor | None = None) -> None:
+                 original: Tensor, kind: str, crow: Tensor | None = None) -> None:
         self.src, self.dst = src, dst
         self.num_src, self.num_dst = num_src, num_dst
         self.original, self.kind = original, kind
-        self.sorted_by_dst, self._crow = sorted_by_dst, crow
+        self._crow = crow
         self.loops_added = False
 
     @property
@@ -272,7 +274,7 @@ class _Graph:
                                               crow[1:] - crow[:-1],
                                               output_size=edge_index._nnz())
                 graph = cls(edge_index.col_indices(), dst, num_src, num_dst, edge_index,
-                            "sparse", sorted_by_dst=True, crow=crow)
+                            "sparse", crow=crow)
             else:
                 (dst, src), _ = to_edge_index(edge_index)
                 graph = cls(src, dst, num_src, num_dst, edge_index, "sparse")
@@ -280,12 +282,10 @@ class _Graph:
             if _checks.checks_enabled():
                 _checks.check_edge_index(edge_index, (num_src, num_dst) if bipartite
                                          else num_src, name)
-            original, sorted_by_dst = edge_index, None
+            original = edge_index
             if isinstance(edge_index, EdgeIndex):
-                sorted_by_dst = True if edge_index.is_sorted_by_col else None
                 edge_index = edge_index.as_tensor()
-            graph = cls(edge_index[0], edge_index[1], num_src, num_dst, original,
-                        "edge_index", sorted_by_dst=sorted_by_dst)
+            graph = cls(edge_index[0], edge_index[1], num_src, num_dst, original, "edge_index")
         if add_self_loops:
             graph._replace_self_loops()
         return graph
@@ -295,19 +295,19 @@ class _Graph:
         loop = torch.arange(self.num_dst, device=self.src.device, dtype=self.src.dtype)
         self.src = torch.cat([self.src[keep], loop])
         self.dst = torch.cat([self.dst[keep], loop])
-        self.sorted_by_dst, self._crow, self.loops_added = None, None, True
+        self._crow, self.loops_added = None, True
 
     def csr(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(crow, col, row, perm)``: CSR over the receivers; ``perm`` maps CSR positions
-        to edge positions (:obj:`None` when the edges are in CSR order already)."""
+        """``(crow, col, row, perm)``: CSR over the receivers, senders ascending within each
+        row (torch's sparse backward relies on that order); ``perm`` maps CSR positions to
+        edge positions (:obj:`None` when the edges are in that order already)."""
         src, dst = self.src, self.dst
-        if self.sorted_by_dst is None:
-            self.sorted_by_dst = dst.numel() < 2 or bool((dst[1:] >= dst[:-1]).all())
+        key = dst * self.num_src + src
         perm = None
-        if not self.sorted_by_dst:
-            perm = torch.sort(dst, stable=True)[1]
+        if key.numel() > 1 and not bool((key[1:] >= key[:-1]).all()):
+            perm = torch.sort(key, stable=True)[1]
             src, dst = src.index_select(0, perm), dst.index_select(0, perm)
-        crow = self._crow
+        crow = self._crow if perm is None else None
         if crow is None:
             counts = torch.bincount(dst, minlength=self.num_dst)
             crow = torch.zeros(self.num_dst + 1, dtype=src.dtype, device=src.device)

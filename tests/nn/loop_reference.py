@@ -62,3 +62,46 @@ def pad(graphs, num_nodes=None):
         x[b, : g.shape[0]] = g
         mask[b, : g.shape[0]] = True
     return x, mask
+
+
+def orgnn_general_loop(x_src, x_dst, edges, lin_weight, lin_bias, att_weight, att_bias,
+                       outlier_aware=True, bipartite=False, act=torch.relu):
+    """One OR-GNN layer on a general graph, edge by edge, from the layer's definition of Eq. 4:
+    the sender j of an edge j -> i is compared with the mean of the other members of i's
+    closed neighbourhood (the receiver i and its other senders; a self-loop's own sender is
+    i itself). ``edges`` is a list of (src, dst) pairs; with ``bipartite=False`` the node
+    sets coincide (``x_src is x_dst``) and (i, i) is a self-loop."""
+    v = att_weight.reshape(-1)
+    b = att_bias.reshape(())
+    rows = []
+    for i in range(x_dst.shape[0]):
+        incoming = [e for e, (_, d) in enumerate(edges) if d == i]
+        if not incoming:
+            h = torch.zeros_like(x_dst[i])
+        else:
+            weights = []
+            for e in incoming:
+                j = edges[e][0]
+                is_loop = not bipartite and j == i
+                if is_loop:   # the other members: every other (non-loop) sender
+                    others = [x_src[edges[f][0]] for f in incoming
+                              if bipartite or edges[f][0] != i]
+                else:         # the receiver and the senders of the other non-loop edges
+                    others = [x_dst[i]] + [x_src[edges[f][0]] for f in incoming
+                                           if f != e and (bipartite or edges[f][0] != i)]
+                if not outlier_aware or not others:
+                    c = torch.ones((), dtype=x_src.dtype)
+                else:
+                    mean = sum(others) / len(others)
+                    c = torch.clamp(torch.dot(x_src[j], mean) / (
+                        torch.linalg.norm(x_src[j]) * torch.linalg.norm(mean)), min=0)
+                d = x_dst[i] - x_src[j]
+                weights.append(c * torch.sigmoid(torch.dot(v, d * d) + b))
+            denominator = sum(weights)
+            if denominator > 0:
+                h = sum(w * x_src[edges[e][0]] for w, e in zip(weights, incoming)) / denominator
+            else:
+                h = sum(x_src[edges[e][0]] for e in incoming) / len(incoming)
+        out = lin_weight @ h + (0 if lin_bias is None else lin_bias)
+        rows.append(out if act is None else act(out))
+    return torch.stack(rows)
