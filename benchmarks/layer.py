@@ -2,7 +2,10 @@
 
 Candidates (all ``F -> F``, every node transformed by a ``F x F`` weight):
 
-* ``dense``: :class:`orgnn.DenseORGNNConv` on ``(B, N, F)``;
+* ``dense``: :class:`orgnn.DenseORGNNConv` on ``(B, N, F)`` (``adj=None``: the
+  complete-graph route);
+* ``dense_adj``: the same layer given the complete graphs as an explicit ``(N, N)``
+  adjacency (the general-graph route, Eq. 4 per edge: two more batched products);
 * ``naive``: the same rule written as a plain reading of Eq. 6, materialising the
   ``B x N x N x F`` tensor of differences (Eq. 4 and 5 as in the spec, Eq. 5's sum as a
   batched matrix product);
@@ -13,8 +16,8 @@ Candidates (all ``F -> F``, every node transformed by a ``F x F`` weight):
 * ``matmul``: the bare ``(B N, F) @ (F, F)`` product every candidate contains: the machine's
   own matmul GFLOP/s, measured in the same run, interleaved with the rest.
 
-For every configuration ``B:N:F`` the script checks that ``dense``, ``naive`` and ``sparse``
-agree (same weights), then times forward (under ``torch.inference_mode``) and
+For every configuration ``B:N:F`` the script checks that ``dense``, ``dense_adj``, ``naive``
+and ``sparse`` agree (same weights), then times forward (under ``torch.inference_mode``) and
 forward+backward (``out.sum().backward()``, parameters requiring grad) interleaved, eager and
 (unless ``--no-compile``) ``torch.compile``, and measures each candidate's peak memory in a
 child process (see ``benchmarks/_common.py`` for how). GFLOP/s count each candidate's own
@@ -46,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import _common
 from benchmarks._common import MiB
 
-CANDIDATES = ("dense", "naive", "sparse", "gat", "graphconv")
+CANDIDATES = ("dense", "dense_adj", "naive", "sparse", "gat", "graphconv")
 DEFAULT_CONFIGS = ("4096:11:256", "1024:31:256")
 QUICK_CONFIGS = ("512:11:64",)
 
@@ -86,7 +89,7 @@ def complete_edge_index(b: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def build(b: int, n: int, f: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Inputs and modules of one configuration; ``dense``/``naive``/``sparse`` share weights."""
+    """Inputs and modules of one configuration; the OR-GNN candidates share weights."""
     from torch_geometric.nn import GATConv, GraphConv
 
     from orgnn.nn import DenseORGNNConv, ORGNNConv
@@ -102,11 +105,13 @@ def build(b: int, n: int, f: int, device: torch.device, dtype: torch.dtype, seed
         dense.att.bias.fill_(0.5)
     sparse = ORGNNConv(f, f)
     sparse.load_state_dict(dense.state_dict())
+    dense_adj = DenseORGNNConv(f, f)
+    dense_adj.load_state_dict(dense.state_dict())
     naive = NaiveDense(f)
     naive.load_state_dict({"lin.weight": dense.lin.weight, "lin.bias": dense.lin.bias,
                            "att.weight": dense.att.weight, "att.bias": dense.att.bias})
     modules = {
-        "dense": dense, "naive": naive, "sparse": sparse,
+        "dense": dense, "dense_adj": dense_adj, "naive": naive, "sparse": sparse,
         "gat": GATConv(f, f, heads=1, add_self_loops=False),
         "graphconv": GraphConv(f, f),
     }
@@ -118,10 +123,14 @@ def build(b: int, n: int, f: int, device: torch.device, dtype: torch.dtype, seed
 def callers(x: torch.Tensor, edge_index: torch.Tensor, modules: dict[str, torch.nn.Module]):
     """``{name: fn}`` with ``fn()`` the candidate's forward on its own input form."""
     flat = x.reshape(-1, x.size(-1))
+    n = x.size(1)
+    complete = torch.ones(n, n, device=x.device) - torch.eye(n, device=x.device)
     fns = {}
     for name, mod in modules.items():
         if name in ("dense", "naive"):
             fns[name] = (lambda m: lambda: m(x))(mod)
+        elif name == "dense_adj":
+            fns[name] = (lambda m: lambda: m(x, complete))(mod)
         else:
             fns[name] = (lambda m: lambda: m(flat, edge_index))(mod)
     weight = modules["dense"].lin.weight.detach()
@@ -130,11 +139,13 @@ def callers(x: torch.Tensor, edge_index: torch.Tensor, modules: dict[str, torch.
 
 
 def check_agreement(b: int, n: int, f: int, device: torch.device) -> dict[str, float]:
-    """Max abs difference of ``naive`` and ``sparse`` from ``dense`` (same weights)."""
+    """Max abs difference of ``dense_adj``, ``naive`` and ``sparse`` from ``dense`` (same
+    weights)."""
     x, edge_index, modules = build(min(b, 64), n, f, device, torch.float32, seed=1)
+    complete = torch.ones(n, n, device=device) - torch.eye(n, device=device)
     with torch.inference_mode():
         ref = modules["dense"](x)
-        out = {"naive": modules["naive"](x),
+        out = {"naive": modules["naive"](x), "dense_adj": modules["dense_adj"](x, complete),
                "sparse": modules["sparse"](x.reshape(-1, f), edge_index).view_as(ref)}
     diffs = {k: float((v - ref).abs().max()) for k, v in out.items()}
     for k, d in diffs.items():
@@ -489,7 +500,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     for b, n, f in configs:
         agreement = check_agreement(b, n, f, device)
-        print(f"B={b} N={n} F={f}: naive/sparse agree with dense "
+        print(f"B={b} N={n} F={f}: dense_adj/naive/sparse agree with dense "
               f"(max abs diff {max(agreement.values()):.2e})")
         memory = None if args.no_memory else run_memory_child(b, n, f, args.device, skip,
                                                               args.threads)

@@ -22,7 +22,7 @@ def test_layer_smoke(tmp_path):
     payload = json.loads((tmp_path / "layer.json").read_text())
     assert (tmp_path / "layer.png").stat().st_size > 0
     cands = payload["results"][0]["candidates"]
-    assert set(cands) == {"dense", "naive", "sparse", "gat", "graphconv", "matmul"}
+    assert set(cands) == {"dense", "dense_adj", "naive", "sparse", "gat", "graphconv", "matmul"}
     assert all(c["forward_s"] > 0 for c in cands.values())
     assert "peak" in payload["results"][0]["memory"]
     assert {t["target"] for t in out["targets"]} >= {"dense forward speed-up over GATConv"}

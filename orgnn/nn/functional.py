@@ -189,9 +189,14 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 def sparse_confidence(x: Tensor, src: Tensor, dst: Tensor,
                       x_src: Tensor | None = None) -> Tensor:
-    r"""Eq. 4 on a general graph: the cosine between :math:`\mathbf{x}_j` and the mean of the
-    nodes that send messages to :math:`j` (self-loops excluded), clamped at 0; a node with no
+    r"""Eq. 4 per node: the cosine between :math:`\mathbf{x}_j` and the mean of the nodes
+    that send messages to :math:`j` (self-loops excluded), clamped at 0; a node with no
     such sender gets 1.
+
+    On a complete graph (the OR-GNN neighbourhoods, where the per-part model uses it) this is
+    the paper's :math:`c_j` and equals the per-edge :func:`sparse_edge_confidence` of every
+    edge leaving :math:`j`. On other graphs the layers use the per-edge definition, which
+    compares a sender with the receiver's neighbourhood rather than with its own.
 
     The neighbour sum is the sum over all incoming edges minus the self-loops' share,
     :math:`\sum_{l \to j,\, l \ne j} \mathbf{x}_l = \sum_{l \to j} \mathbf{x}_l -
@@ -340,6 +345,38 @@ def closed_neighbour_sum(x_dst: Tensor, nbr_sum: Tensor, self_count: Tensor | No
     if self_count is None:
         return nbr_sum + x_dst
     return torch.addcmul(nbr_sum, _expand_like(1 - self_count, x_dst), x_dst)
+
+
+def sparse_edge_confidence(x_src: Tensor, x_dst: Tensor, src: Tensor, dst: Tensor,
+                           bipartite: bool = False) -> Tensor:
+    r"""Eq. 4 per edge on an ``edge_index``, as :class:`~orgnn.ORGNNConv` defines it on
+    general graphs: :math:`c_{ij} = \max(0, \cos(\mathbf{x}_j, \mathbf{S}_i -
+    \mathbf{x}_j))` with :math:`\mathbf{S}_i` the sum over the receiver's closed
+    neighbourhood (see :func:`edge_confidence`).
+
+    Args:
+        x_src: ``(N_src, F)`` sender features.
+        x_dst: ``(N_dst, F)`` receiver features (``x_src`` itself for one node set).
+        src, dst: ``(|E|,)`` edge endpoints (messages flow ``src -> dst``).
+        bipartite: senders and receivers are distinct nodes (no edge is a self-loop).
+
+    Returns:
+        ``(|E|,)`` confidences in :math:`[0, 1]`.
+    """
+    num_dst = x_dst.size(0)
+    x_j = x_src.index_select(0, src)
+    nbr_sum = scatter(x_j, dst, dim=0, dim_size=num_dst, reduce="sum")
+    degree = scatter(x_j.new_ones(dst.shape), dst, dim=0, dim_size=num_dst, reduce="sum")
+    if bipartite:
+        self_count, others = None, degree
+    else:
+        self_count = scatter((src == dst).to(x_j.dtype), dst, dim=0, dim_size=num_dst,
+                             reduce="sum")
+        others = degree - self_count
+    s_sum = closed_neighbour_sum(x_dst, nbr_sum, self_count)
+    return edge_confidence(_dot(x_j, s_sum.index_select(0, dst)), _dot(x_j, x_j),
+                           _dot(s_sum, s_sum).index_select(0, dst),
+                           others.index_select(0, dst) > 0)
 
 
 def sparse_orgnn_weights(

@@ -105,3 +105,23 @@ def orgnn_general_loop(x_src, x_dst, edges, lin_weight, lin_bias, att_weight, at
         out = lin_weight @ h + (0 if lin_bias is None else lin_bias)
         rows.append(out if act is None else act(out))
     return torch.stack(rows)
+
+
+def edge_confidence_loop(x_src, x_dst, edges, bipartite=False):
+    """c_ij of every edge (j, i) in ``edges`` (Eq. 4 as the layers define it on general
+    graphs), by the same plain reading as :func:`orgnn_general_loop`."""
+    out = []
+    for e, (j, i) in enumerate(edges):
+        incoming = [f for f, (_, d) in enumerate(edges) if d == i]
+        if not bipartite and j == i:
+            others = [x_src[edges[f][0]] for f in incoming if edges[f][0] != i]
+        else:
+            others = [x_dst[i]] + [x_src[edges[f][0]] for f in incoming
+                                   if f != e and (bipartite or edges[f][0] != i)]
+        if not others:
+            out.append(torch.ones((), dtype=x_src.dtype))
+            continue
+        mean = sum(others) / len(others)
+        out.append(torch.clamp(torch.dot(x_src[j], mean) / (
+            torch.linalg.norm(x_src[j]) * torch.linalg.norm(mean)), min=0))
+    return torch.stack(out)

@@ -16,8 +16,10 @@ from torch_geometric.utils import (
 )
 
 from orgnn import ORGNN, DenseORGNNConv, ORGNNConv
+from orgnn.nn.functional import sparse_confidence, sparse_edge_confidence
 from tests.nn.loop_reference import (
     complete_edge_index,
+    edge_confidence_loop,
     orgnn_general_loop,
     orgnn_layer_loop,
     pad,
@@ -225,6 +227,22 @@ def test_general_graphs_equal_the_edge_by_edge_reference(bipartite, outlier_awar
         torch.testing.assert_close(layer(x, ei), expected, atol=1e-5, rtol=1e-4)
         adj_t = _adj_t(ei, (num_src, num_dst), torch.sparse_csr)
         torch.testing.assert_close(layer(x, adj_t), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bipartite", [False, True])
+def test_edge_confidence_function(bipartite):
+    num_src, num_dst = (7, 4) if bipartite else (7, 7)
+    ei = _random_graph(num_src, num_dst, 20, seed=11, bipartite=bipartite)
+    x_src = _rand(num_src, 6) - 0.3
+    x_dst = _rand(num_dst, 6, seed=4) - 0.3 if bipartite else x_src
+    c = sparse_edge_confidence(x_src, x_dst, ei[0], ei[1], bipartite=bipartite)
+    torch.testing.assert_close(c, edge_confidence_loop(x_src, x_dst, _edges(ei), bipartite),
+                               atol=1e-6, rtol=1e-5)
+    # on a complete graph it is the per-node c_j of the paper, for every edge leaving j
+    x = _rand(6, 6, seed=9) - 0.2
+    full = complete_edge_index([6])
+    torch.testing.assert_close(sparse_edge_confidence(x, x, *full),
+                               sparse_confidence(x, *full)[full[0]], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bipartite", [False, True])
