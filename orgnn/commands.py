@@ -330,7 +330,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from orgnn.features import PartFeatures, load_split_dir, save_split_dir
-    from orgnn.io_atomic import replace_dir
+    from orgnn.io_atomic import pause_for_tests, replace_dir
     from orgnn.pipeline import reconstruct, search_split
     from orgnn.training import SearchConfig, load_checkpoint
 
@@ -357,7 +357,12 @@ def _reconstruct(args: argparse.Namespace) -> int:
         out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32), target.pids,
                                  target.camids, target.paths)
         print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours", flush=True)
-    replace_dir(args.out, lambda folder: save_split_dir(folder, out))
+    def build(folder: Path) -> None:
+        save_split_dir(folder, {"query": out["query"]})
+        pause_for_tests("query.npz written")
+        save_split_dir(folder, {"gallery": out["gallery"]})
+
+    replace_dir(args.out, build)
     print(f"wrote {args.out}/query.npz and {args.out}/gallery.npz (one set)")
     return 0
 

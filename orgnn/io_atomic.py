@@ -87,7 +87,7 @@ def dir_mode() -> int:
 # --------------------------------------------------------------------------------------
 # Signals
 # --------------------------------------------------------------------------------------
-def _test_pause(step: str) -> None:
+def pause_for_tests(step: str) -> None:
     """Sleep ``$ORGNN_TEST_WRITE_PAUSE`` seconds at each step of a write (tests only: it
     widens the write phase so that an interruption test can land inside it)."""
     pause = os.environ.get("ORGNN_TEST_WRITE_PAUSE")
@@ -202,7 +202,7 @@ class FileSet:
         if temp is None:
             temp = _write_temp(path, write)
         self._members.append((Path(temp), path))
-        _test_pause(f"staged {path}")
+        pause_for_tests(f"staged {path}")
         return self
 
     def add_json(self, path: str | os.PathLike, payload: Any) -> FileSet:
@@ -221,7 +221,7 @@ class FileSet:
             for temp, final in self._members:
                 os.replace(temp, final)
                 committed.append(str(final))
-                _test_pause(f"committed {final}")
+                pause_for_tests(f"committed {final}")
             done = [final for _, final in self._members]
             self._members = []
         return done
@@ -336,16 +336,16 @@ def replace_dir(path: str | os.PathLike, build: Callable[[Path], None]) -> Path:
         os.chmod(new, old_mode)
         if path.is_dir():
             _carry_over(path, new)
-        _test_pause(f"built {path}")
+        pause_for_tests(f"built {path}")
         with signals_held():
             if not path.exists():
                 os.rename(new, path)
             elif _exchange(new, path):
-                _test_pause(f"swapped {path}")
+                pause_for_tests(f"swapped {path}")
             else:
                 backup = path.with_name(f".{path.name}{_OLD_TAG}")
                 os.rename(path, backup)
-                _test_pause(f"moved the old {path} aside")
+                pause_for_tests(f"moved the old {path} aside")
                 os.rename(new, path)
                 os.rename(backup, new)
             committed.append(str(path))

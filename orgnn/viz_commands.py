@@ -332,6 +332,15 @@ def _plot_cmc(args: argparse.Namespace) -> int:
             png.unlink(missing_ok=True)
             raise
         outputs.add(args.out, temp=png)
+        for name, row in curves.items():
+            cmc = row["cmc"]
+            rank1 = row.get("rank1", cmc[0])
+            rank5 = row.get("rank5", cmc[min(4, len(cmc) - 1)])
+            print(f"  {name:<12} rank1 {rank1:5.1f}  rank5 {rank5:5.1f}  "
+                  f"mAP {row.get('mAP', float('nan')):5.1f}")
+        if counts:
+            print(counts_line(counts))
+        print(f"writing {args.out}" + (f" and {args.json}" if args.json else ""), flush=True)
         if args.json:
             outputs.add_json(args.json, {
                 "title": title, "max_rank": args.max_rank, "rows": curves,
@@ -340,12 +349,4 @@ def _plot_cmc(args: argparse.Namespace) -> int:
         outputs.commit()
     print(f"wrote {args.out} ({info['size'][0]}x{info['size'][1]} px): "
           f"{info['num_curves']} curves" + (f"; wrote {args.json}" if args.json else ""))
-    for name, row in curves.items():
-        cmc = row["cmc"]
-        rank1 = row.get("rank1", cmc[0])
-        rank5 = row.get("rank5", cmc[min(4, len(cmc) - 1)])
-        print(f"  {name:<12} rank1 {rank1:5.1f}  rank5 {rank5:5.1f}  "
-              f"mAP {row.get('mAP', float('nan')):5.1f}")
-    if counts:
-        print(counts_line(counts))
     return 0

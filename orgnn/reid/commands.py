@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from orgnn.cli_args import float_range, input_dir, int_range
+
 __all__ = ["register"]
+
+_PROB = float_range(0.0, 1.0)
+_POSITIVE = float_range(0.0, lo_open=True)
 
 _DATASETS = ("market1501", "dukemtmc", "occluded_duke", "occluded_reid", "partial_reid")
 
@@ -23,7 +28,7 @@ def _add_common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
     p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                    help="unreadable/truncated image: stop naming it (default) or report and "
                         "skip it")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
+    p.add_argument("--no-progress", "--quiet", dest="progress", action="store_false",
                    help="no progress bars")
 
 
@@ -34,43 +39,58 @@ def _add_train(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--mask-dir", metavar="DIR", required=task == "oan",
                    help="person masks from `orgnn masks`" + (" (required)" if task == "oan"
                                                               else " (optional)"))
-    p.add_argument("--epochs", type=int, default=120)
-    p.add_argument("--lr", type=float, default=3.5e-4)
-    p.add_argument("--milestones", type=int, nargs="*", default=[40, 70],
+    p.add_argument("--epochs", type=int_range(1), default=120, help="epochs (default 120)")
+    p.add_argument("--lr", type=_POSITIVE, default=3.5e-4,
+                   help="Adam learning rate, > 0 (default 3.5e-4)")
+    p.add_argument("--milestones", type=int_range(1), nargs="*", default=[40, 70],
                    help="epochs where the lr is multiplied by --gamma (default 40 70)")
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--gamma", type=_POSITIVE, default=0.1,
+                   help="lr factor at each milestone, > 0 (default 0.1)")
+    p.add_argument("--weight-decay", type=float_range(0.0), default=5e-4,
+                   help="weight decay, >= 0 (default 5e-4)")
     if task == "fen":
-        p.add_argument("--P", "-P", dest="P", type=int, default=8, help="identities per batch")
-        p.add_argument("--K", "-K", dest="K", type=int, default=4, help="images per identity")
-        p.add_argument("--margin", type=float, default=0.3, help="triplet margin")
-        p.add_argument("--label-smoothing", type=float, default=0.0)
+        p.add_argument("--P", "-P", dest="P", type=int_range(1), default=8,
+                       help="identities per batch (default 8)")
+        p.add_argument("--K", "-K", dest="K", type=int_range(1), default=4,
+                       help="images per identity (default 4)")
+        p.add_argument("--margin", type=float_range(0.0), default=0.3,
+                       help="triplet margin, >= 0 (default 0.3)")
+        p.add_argument("--label-smoothing", type=float_range(0.0, 1.0, hi_open=True),
+                       default=0.0, help="ID-loss label smoothing in [0, 1) (default 0)")
     else:
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--tau", type=float, default=0.5,
+        p.add_argument("--batch-size", type=int_range(1), default=32,
+                       help="images per batch (default 32)")
+        p.add_argument("--tau", type=_PROB, default=0.5,
                        help="part label threshold on mask row coverage (default 0.5)")
-    p.add_argument("--occlude-prob", type=float, default=None,
+    p.add_argument("--occlude-prob", type=_PROB, default=None,
                    help="synthetic-occlusion probability (default: 0.5 OAN, 0 FEN)")
-    p.add_argument("--height", type=int, default=384)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--flip-prob", type=float, default=0.5)
-    p.add_argument("--erasing-prob", type=float, default=0.5)
-    p.add_argument("--arch", default="resnet50", choices=("resnet50", "resnet34", "resnet18"))
+    p.add_argument("--height", type=int_range(1), default=384,
+                   help="input height in pixels (default 384)")
+    p.add_argument("--width", type=int_range(1), default=128,
+                   help="input width in pixels (default 128)")
+    p.add_argument("--flip-prob", type=_PROB, default=0.5,
+                   help="horizontal-flip probability (default 0.5)")
+    p.add_argument("--erasing-prob", type=_PROB, default=0.5,
+                   help="random-erasing probability (default 0.5)")
+    p.add_argument("--arch", default="resnet50", choices=("resnet50", "resnet34", "resnet18"),
+                   help="backbone (default resnet50)")
     p.add_argument("--pool", default="avg", choices=("avg", "max"), help="per-part pooling")
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--backbone-weights", metavar="PATH",
                          help="local torchvision ResNet state-dict file (weights_only load)")
     weights.add_argument("--pretrained", action="store_true",
                          help="torchvision ImageNet weights (downloads; needs internet)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes")
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0,
+                   help="random seed (default 0)")
+    p.add_argument("--workers", type=int_range(0), default=4,
+                   help="data-loading processes (default 4; 0: in the main process)")
     p.add_argument("--no-amp", dest="amp", action="store_false",
                    help="float32 on CUDA (AMP is on by default on CUDA, never on CPU)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                    help="continue from OUT/last.pt (or CKPT)")
-    p.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+    p.add_argument("--checkpoint-every", type=int_range(1), default=1, metavar="EPOCHS",
                    help="write OUT/last.pt every this many epochs (and at the end)")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--max-steps", type=int_range(1), default=None,
                    help="stop after this many optimiser steps (smoke tests)")
     p.set_defaults(func=_train_oan if task == "oan" else _train_fen)
 
@@ -91,10 +111,14 @@ def register(subparsers) -> None:
                      help="torchvision's COCO weights (downloads; needs internet)")
     src.add_argument("--random-weights", action="store_true",
                      help="untrained model: tests the plumbing only, finds no one")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--score-thresh", type=float, default=0.5)
-    p.add_argument("--min-size", type=int, default=800, help="Mask R-CNN resize (short side)")
-    p.add_argument("--max-size", type=int, default=1333, help="Mask R-CNN resize (long side)")
+    p.add_argument("--batch-size", type=int_range(1), default=4,
+                   help="images per batch (default 4)")
+    p.add_argument("--score-thresh", type=_PROB, default=0.5,
+                   help="least detection score of a person (default 0.5)")
+    p.add_argument("--min-size", type=int_range(1), default=800,
+                   help="Mask R-CNN resize (short side, default 800)")
+    p.add_argument("--max-size", type=int_range(1), default=1333,
+                   help="Mask R-CNN resize (long side, default 1333)")
     p.set_defaults(func=_masks)
 
     _add_train(subparsers.add_parser(
@@ -114,22 +138,32 @@ def register(subparsers) -> None:
     _add_common(p)
     p.add_argument("--fen", required=True, metavar="CKPT", help="FEN checkpoint (last.pt)")
     p.add_argument("--oan", metavar="CKPT", help="OAN checkpoint; needs --mask-dir")
-    p.add_argument("--mask-dir", metavar="DIR")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--mask-dir", metavar="DIR", type=input_dir,
+                   help="person masks from `orgnn masks` (needed with --oan)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for {train,query,gallery}.npz")
     p.add_argument("--splits", nargs="+", choices=("train", "query", "gallery"),
                    help="default: every non-empty split")
     p.add_argument("--visibility", choices=("oan", "ones", "occluder"),
                    help="default: oan with --oan, else ones")
-    p.add_argument("--occlude-prob", type=float, default=0.0,
-                   help="cover images of --occlude-splits with a synthetic occluder")
+    p.add_argument("--occlude-prob", type=_PROB, default=0.0,
+                   help="cover images of --occlude-splits with a synthetic occluder with "
+                        "this probability (default 0)")
     p.add_argument("--occlude-splits", nargs="+", default=["query"],
-                   choices=("train", "query", "gallery"))
-    p.add_argument("--height", type=int, default=384)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-amp", dest="amp", action="store_false")
+                   choices=("train", "query", "gallery"),
+                   help="splits --occlude-prob applies to (default query)")
+    p.add_argument("--height", type=int_range(1), default=384,
+                   help="input height in pixels (default 384)")
+    p.add_argument("--width", type=int_range(1), default=128,
+                   help="input width in pixels (default 128)")
+    p.add_argument("--batch-size", type=int_range(1), default=64,
+                   help="images per batch (default 64)")
+    p.add_argument("--workers", type=int_range(0), default=4,
+                   help="data-loading processes (default 4; 0: in the main process)")
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0,
+                   help="random seed of the synthetic occluders (default 0)")
+    p.add_argument("--no-amp", dest="amp", action="store_false",
+                   help="float32 on CUDA (AMP is on by default on CUDA, never on CPU)")
     p.set_defaults(func=_extract)
 
 

@@ -1,0 +1,142 @@
+"""Bad arguments are refused before any work: exit status 2, ``orgnn: error: ...`` naming
+the option (or the files), and every existing output byte-for-byte unchanged."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orgnn.cli import main
+from orgnn.datasets import synthetic_preset
+from orgnn.features import PartFeatures, save_split_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Data, a checkpoint and existing outputs of every kind (checksummed by the tests)."""
+    base = tmp_path_factory.mktemp("checks")
+    data = base / "data"
+    save_split_dir(data, synthetic_preset("tiny", seed=0))
+    outs = base / "outs"
+    outs.mkdir()
+    ckpt = outs / "model.pt"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--epochs", "1",
+                 "--quiet"]) == 0
+    assert main(["reconstruct", "--data", str(data), "--checkpoint", str(ckpt), "--out",
+                 str(outs / "rec"), "--quiet"]) == 0
+    (outs / "ev.json").write_text('{"previous": true}')
+    (outs / "fig.png").write_bytes(b"previous figure")
+    (outs / "a_folder").mkdir()
+    (outs / "a_file").write_text("not a folder")
+    return {"base": base, "data": data, "outs": outs, "ckpt": ckpt}
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+
+
+def _orgnn(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orgnn.cli", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+
+
+def _cases(s) -> list[tuple[list[str], list[str]]]:
+    d, o, ck = str(s["data"]), s["outs"], str(s["ckpt"])
+    rec = ["reconstruct", "--data", d, "--checkpoint", ck, "--out", str(o / "rec")]
+    train = ["train", "--data", d, "--out", ck]
+    ablation = ["ablation", "--data", d, "--json", str(o / "ev.json")]
+    show = ["show-ranks", "--data", d, "--out", str(o / "fig.png")]
+    return [
+        (train + ["--epochs", "-1"], ["--epochs", ">= 1", "-1"]),
+        (train + ["--epochs", "0"], ["--epochs"]),
+        (ablation + ["--train-k", "0"], ["--train-k"]),
+        (rec + ["--k", "0"], ["--k"]),
+        (ablation + ["--theta", "1.5"], ["--theta", "[-1.0, 1.0]"]),
+        (ablation + ["--train-theta", "nan"], ["--train-theta"]),
+        (train + ["--recon-weight", "-1"], ["--recon-weight"]),
+        (train + ["--seed", "-3"], ["--seed"]),
+        (ablation + ["--rows", "baseline,nope"], ["--rows", "nope"]),
+        (["plot-cmc", "--data", d, "--max-rank", "0", "--out", str(o / "fig.png")],
+         ["--max-rank"]),
+        (show + ["--top", "0"], ["--top"]),
+        (show + ["--query-index", "-1"], ["--query-index"]),
+        (["train", "--data", d, "--out", str(o / "a_folder")], ["--out", "folder"]),
+        (["reconstruct", "--data", d, "--checkpoint", ck, "--out", str(o / "a_file")],
+         ["--out", "existing file"]),
+        (["evaluate", "--data", d, "--json", str(o / "a_folder")], ["--json", "folder"]),
+        (["ablation", "--data", str(o / "nowhere"), "--json", str(o / "ev.json")],
+         ["--data", "no such folder", "nowhere"]),
+        (["reconstruct", "--data", d, "--checkpoint", str(o / "none.pt"), "--out",
+          str(o / "rec")], ["--checkpoint", "none.pt"]),
+        (["plot-cmc", "--data", d, "--out", str(o / "fig.png"), "--json",
+          str(o / "fig.png")], ["--json", "--out", "same file"]),
+        (["train-fen", "--dataset", "market1501", "--dataset-dir", d, "--out",
+          str(o / "fen"), "--epochs", "0"], ["--epochs"]),
+        (["masks", "--dataset-dir", d, "--out", str(o / "m"), "--score-thresh", "2"],
+         ["--score-thresh"]),
+        (["extract", "--dataset", "market1501", "--dataset-dir", d, "--fen", ck, "--out",
+          str(o / "p"), "--batch-size", "0"], ["--batch-size"]),
+    ]
+
+
+def test_bad_arguments_refused_before_any_output(setup):
+    before = _checksums(setup["outs"])
+    cases = _cases(setup)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda case: _orgnn(case[0]), cases))
+    for (args, words), proc in zip(cases, results):
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith("orgnn: error:"), (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        for word in words:
+            assert word in proc.stderr, (args, word, proc.stderr)
+    assert _checksums(setup["outs"]) == before
+
+
+def test_data_dependent_refusals_name_option_and_files(setup):
+    """Checked right after loading, before search or training: a checkpoint for other
+    parts, --recon-weight without clean features, and data where no query can be scored."""
+    base, outs = setup["base"], setup["outs"]
+    world = synthetic_preset("tiny", seed=0)
+    four = base / "four_parts"
+    save_split_dir(four, {k: PartFeatures(v.features[:, :4], v.visibility[:, :4], v.pids,
+                                          v.camids) for k, v in world.items()})
+    no_match = base / "no_match"
+    q = world["query"]
+    one_camera = PartFeatures(q.features, q.visibility, q.pids, np.zeros_like(q.camids))
+    save_split_dir(no_match, {"query": one_camera, "gallery": one_camera})
+    before = _checksums(outs)
+    proc = _orgnn(["reconstruct", "--data", str(four), "--checkpoint", str(setup["ckpt"]),
+                   "--out", str(outs / "rec")])
+    assert proc.returncode == 2 and proc.stderr.startswith("orgnn: error:"), proc.stderr
+    assert str(setup["ckpt"]) in proc.stderr and f"{four}/query.npz" in proc.stderr
+    assert "6 parts x 256-d" in proc.stderr and "4 parts x 256-d" in proc.stderr
+    no_clean = base / "no_clean"
+    t = world["train"]
+    save_split_dir(no_clean, {"train": PartFeatures(t.features, t.visibility, t.pids,
+                                                    t.camids)})
+    proc = _orgnn(["train", "--data", str(no_clean), "--out", str(setup["ckpt"]),
+                   "--recon-weight", "0.5"])
+    assert proc.returncode == 2 and "--recon-weight 0.5" in proc.stderr, proc.stderr
+    assert "clean_features" in proc.stderr
+    # a query's only same-identity gallery images are itself (same camera): none is scored
+    assert main(["evaluate", "--data", str(no_match), "--json", str(outs / "ev.json")]) == 2
+    assert _checksums(outs) == before
+
+
+def test_k_larger_than_gallery_is_lowered_with_a_note(setup, tmp_path, capsys):
+    gallery_size = len(synthetic_preset("tiny", seed=0)["gallery"])
+    assert main(["reconstruct", "--data", str(setup["data"]), "--checkpoint",
+                 str(setup["ckpt"]), "--out", str(tmp_path / "rec"), "--k", "5000",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"--k 5000 is more than the gallery's {gallery_size} images" in err
+    assert f"using --k {gallery_size}" in err
