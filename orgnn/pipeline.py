@@ -233,8 +233,10 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
         empty["query"], empty["gallery"] = q_nbrs.num_empty, g_nbrs.num_empty
         if "avg" in rows:
             with timer("reconstruct"):
-                q_avg = average_reconstruct(query.features, gallery.features, q_nbrs)
-                g_avg = average_reconstruct(gallery.features, gallery.features, g_nbrs)
+                q_avg = average_reconstruct(query.features, gallery.features, q_nbrs,
+                                            config.batch_size)
+                g_avg = average_reconstruct(gallery.features, gallery.features, g_nbrs,
+                                            config.batch_size)
             score("avg", q_avg, g_avg)
         if {"orgnn", "orgnn_rr"} & set(rows):
             q_rec, g_rec = run_model(model_for(True), q_nbrs, g_nbrs)
