@@ -14,7 +14,7 @@ intersection of these per-part lists:
     \\mathcal{N}(\\mathbf{x}_k(\\mathcal{I}_a)).
 
 ``"visible-mean"``: the top-``K`` gallery items by the *mean* cosine similarity over the
-searching parts, keeping those whose mean is at least ``theta``. It is a single faiss
+searching parts, keeping those whose mean is at least ``theta``. It is a single
 inner-product search over concatenated normalised parts: the gallery vector is
 ``concat_k(g_k / |g_k|)`` and the query vector ``concat_k(s_k q_k / |q_k|) / |S|`` (``s_k`` the
 0/1 search mask, ``|S|`` its size), whose inner product is exactly the mean cosine.
@@ -24,9 +24,33 @@ In both modes the returned neighbours are ordered by that mean cosine over the s
 lists is usually tiny: on the real proxy (SPEC section 3) intersection leaves 791 of 898
 occluded queries without any neighbour at K=10 (336 at K=60), visible-mean none.
 
-Zero part vectors have cosine 0 with everything (never NaN). Search is exact
-(``IndexFlatIP``) by default; ``index="ivf"`` uses ``IndexIVFFlat`` with the inner-product
-metric for large galleries. faiss' global thread count is left as it is.
+**Two stages.** An index proposes *candidates* per query (or per query and part); the final
+lists are then decided on exact scores recomputed from the features themselves, one dot
+product and two norms per pair,
+ordered by decreasing score and, on ties, increasing gallery index. So every index and device
+returns the same neighbourhoods wherever the candidates hold them, and an image's result does
+not depend on the other images of its batch, on the batch size or on the thread count (the
+float32 scores of BLAS can differ in the last bit between those; the recomputed ones cannot).
+
+**Indexes and devices** (one decision, :func:`search_neighbourhoods`' ``index`` and
+``device``):
+
+* ``index="flat"``, ``device=None``: exact faiss ``IndexFlatIP`` on the CPU (the default);
+* ``index="flat"``, ``device`` a torch device (``"cuda"``, ``"cuda:1"``, ``"cpu"``, ...):
+  exact search as chunked torch matrix products and ``topk`` on that device. The gallery
+  streams through in row chunks (``gallery_chunk``), so neither a full float32 copy of it
+  nor a ``(Q, G)`` similarity matrix is ever formed; a float16 memory-mapped gallery stays on
+  disk;
+* ``index="ivf"``: faiss ``IndexIVFFlat`` (inner product), trained on a sample and filled in
+  chunks;
+* ``index="ivfpq"``: faiss ``IndexIVFPQ`` (optionally with an OPQ rotation, ``opq=True``):
+  ``pq_m`` bytes per gallery item instead of ``4 M D``; its approximate scores only pick
+  ``refine x K`` candidates, which are re-ranked exactly from the (float16) features.
+
+With ``ivf``/``ivfpq`` and a CUDA ``device`` the faiss index moves to that GPU when the
+installed faiss has GPU support (``faiss-gpu``); otherwise it stays on the CPU. Zero part
+vectors have cosine 0 with everything (never NaN). faiss' global thread count is left as it
+is.
 """
 from __future__ import annotations
 
@@ -37,13 +61,29 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+import torch
 
-__all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods"]
+from orgnn.storage import chunk_rows, iter_rows, release_rows
+
+__all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods", "resolve_nprobe"]
 
 MODES = ("visible-mean", "intersection")
-INDEXES = ("flat", "ivf")
+INDEXES = ("flat", "ivf", "ivfpq")
 #: faiss wants at least this many training points per IVF list.
 MIN_POINTS_PER_LIST = 39
+#: IVF lists visited per query when ``nprobe`` is None: ``nlist // NPROBE_DIVISOR``, at least
+#: :data:`MIN_NPROBE` (measured in ``docs/scale.md``: recall >= 0.95 up to 10^6 items).
+NPROBE_DIVISOR = 16
+MIN_NPROBE = 16
+#: Candidates per kept neighbour that ``ivfpq`` re-ranks exactly when ``refine`` is None.
+DEFAULT_REFINE = 4
+#: Extra candidates the exact indexes fetch beyond K, so that a last-bit difference in a BLAS
+#: score cannot change which item is the K-th (the final choice is on recomputed scores).
+CANDIDATE_MARGIN = 2
+#: Training points per IVF list (faiss k-means samples at most 256 per list anyway).
+TRAIN_POINTS_PER_LIST = 64
+#: Bytes of float32 candidate features gathered per exact re-scoring step.
+RESCORE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -154,9 +194,14 @@ def search_neighbourhoods(
     exclude: np.ndarray | None = None,
     index: str = "flat",
     nlist: int | None = None,
-    nprobe: int = 16,
+    nprobe: int | None = None,
     batch_size: int = 4096,
     search_parts: np.ndarray | None = None,
+    device: str | torch.device | None = None,
+    pq_m: int | None = None,
+    opq: bool = False,
+    refine: int | None = None,
+    gallery_chunk: int | None = None,
 ) -> Neighbourhoods:
     """Search the gallery neighbourhood of every query image (paper Eq. 3).
 
@@ -168,25 +213,40 @@ def search_neighbourhoods(
     With ``mode="intersection"``, ``N(x_k)`` holds the ``k`` gallery items most cosine-similar
     by part ``k`` that reach ``theta``, and ``N(I)`` their intersection over the searching parts.
     With ``mode="visible-mean"``, ``N(I)`` is the top ``k`` by the mean cosine over the
-    searching parts that reach ``theta``. Both order neighbours by that mean cosine.
+    searching parts that reach ``theta``. Both order neighbours by that mean cosine (ties: the
+    lower gallery index first).
 
     Args:
         query: ``(Q, M, D)`` float32/float16 part features.
         query_visible: ``(Q, M)`` visibility (bool, or numbers where ``>= 0.5`` is visible).
-        gallery: ``(G, M, D)`` float32/float16 part features.
+        gallery: ``(G, M, D)`` float32/float16 part features; may be a memory map
+            (:func:`orgnn.storage.map_npz_member`), read in row chunks.
         k: neighbourhood size ``K`` (per part list in intersection mode).
         theta: similarity threshold in ``[-1, 1]``.
         mode: ``"visible-mean"`` or ``"intersection"``.
         upper_body_parts: parts used by fully visible queries (``None``: all parts).
         exclude: ``(Q,)`` int64 gallery index of each query itself, or ``-1``; never returned.
             Use it when a set searches itself (the gallery, or the training split).
-        index: ``"flat"`` (exact) or ``"ivf"`` (``IndexIVFFlat``, inner product).
-        nlist: IVF lists; default ``4 * sqrt(G)``, clamped to ``G // 39`` so every list has
-            enough training points (below 39 points faiss falls back to flat, with a warning).
-        nprobe: IVF lists visited per query.
-        batch_size: queries per faiss call.
+        index: ``"flat"`` (exact), ``"ivf"`` (``IndexIVFFlat``) or ``"ivfpq"``
+            (``IndexIVFPQ`` + exact re-ranking), all inner product.
+        nlist: IVF lists; default ``sqrt(G)``, clamped to ``G // 39`` so every list has
+            enough training points (below 39 points the search falls back to flat, with a
+            warning).
+        nprobe: IVF lists visited per query; default ``max(16, nlist // 16)``
+            (:func:`resolve_nprobe`).
+        batch_size: queries per index call.
         search_parts: ``(Q, M)`` bool override of the parts to search with; when given,
             ``query_visible`` and ``upper_body_parts`` are not used to choose them.
+        device: ``None`` for faiss on the CPU; a torch device for exact search with torch
+            on it (``index="flat"``), or for a GPU faiss index (``ivf``/``ivfpq``, when faiss
+            has GPU support).
+        pq_m: ``ivfpq`` bytes (sub-quantisers) per vector; must divide the vector dimension
+            (``M D`` for visible-mean, ``D`` per part for intersection); default about
+            ``dim / 16``.
+        opq: ``ivfpq`` with an OPQ rotation learnt before the product quantiser.
+        refine: ``ivfpq`` candidates re-ranked exactly per neighbour (default 4).
+        gallery_chunk: gallery rows per chunk of the torch search and of index building
+            (default: about 256 MiB of float32).
 
     Returns:
         :class:`Neighbourhoods` with ``(Q, k)`` index and score arrays.
@@ -198,7 +258,7 @@ def search_neighbourhoods(
         raise ValueError(
             f"query parts/dims (M, D)={(m, d)} do not match gallery (M, D)={gallery.shape[1:]}"
         )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    if not _is_int(k) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     k = int(k)
     if not isinstance(theta, (int, float, np.floating, np.integer)) or not -1.0 <= theta <= 1.0:
@@ -207,16 +267,12 @@ def search_neighbourhoods(
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if index not in INDEXES:
         raise ValueError(f"unknown index {index!r}; expected one of {INDEXES}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1:
-        raise ValueError(f"nprobe must be an integer >= 1, got {nprobe!r}")
-    if nlist is not None and (
-        isinstance(nlist, bool) or not isinstance(nlist, (int, np.integer)) or nlist < 1
-    ):
-        raise ValueError(f"nlist must be None or an integer >= 1, got {nlist!r}")
+    for name, value in (("batch_size", batch_size), ("nprobe", nprobe), ("nlist", nlist),
+                        ("pq_m", pq_m), ("refine", refine), ("gallery_chunk", gallery_chunk)):
+        if (value is not None or name == "batch_size") and (not _is_int(value) or value < 1):
+            optional = "" if name == "batch_size" else "None or "
+            raise ValueError(f"{name} must be {optional}an integer >= 1, got {value!r}")
+    dev = _resolve_device(device)
 
     vis = _as_visibility(query_visible, "query_visible")
     if vis.shape != (nq, m):
@@ -241,69 +297,256 @@ def search_neighbourhoods(
     if nq == 0 or ng == 0:
         return Neighbourhoods(out_index, out_score, parts)
 
-    use_ivf = index == "ivf"
-    if use_ivf:
+    if index != "flat":
         nlist = _ivf_nlist(nlist, ng)
-        use_ivf = nlist is not None
-    ghat = _normalise(gallery)  # (G, M, D) float32
-    # Search one more item per excluded query so that dropping the query itself still leaves k.
+        if nlist is None:
+            index = "flat"
+    # One more per excluded query, so that dropping the query itself still leaves k.
     k_search = min(k + int(excl is not None), ng)
+    if index == "ivfpq":
+        per = k_search * (DEFAULT_REFINE if refine is None else int(refine))
+    else:
+        per = k_search + CANDIDATE_MARGIN
+    spec = _IndexSpec(index, nlist, None if nlist is None else resolve_nprobe(nlist, nprobe),
+                      pq_m, opq, dev, gallery_chunk)
+    candidates = _candidates(query, parts, gallery, mode, min(per, ng), excl, batch_size, spec)
 
-    if mode == "visible-mean":
-        flat = ghat.reshape(ng, m * d)
-        faiss_index = _build_index(flat, use_ivf, nlist, nprobe)
-        del flat
-        for start in range(0, nq, batch_size):
-            sl = slice(start, min(start + batch_size, nq))
-            s = parts[sl]
-            w = (s / s.sum(axis=1, keepdims=True)).astype(np.float32)
-            q = (_normalise(query[sl]) * w[:, :, None]).reshape(len(w), m * d)
-            sims, ids = faiss_index.search(q, k_search)
-            keep = _valid_ids(ids, excl, sl) & (sims >= theta)
-            out_index[sl], out_score[sl] = _pack(ids, sims, keep, k)
-        return Neighbourhoods(out_index, out_score, parts)
-
-    part_indexes = [  # only the parts some query searches with
-        _build_index(ghat[:, p], use_ivf, nlist, nprobe) if parts[:, p].any() else None
-        for p in range(m)
-    ]
-    del ghat
     for start in range(0, nq, batch_size):
         sl = slice(start, min(start + batch_size, nq))
-        out_index[sl], out_score[sl] = _intersection_batch(
-            _normalise(query[sl]), parts[sl], part_indexes, excl, sl, k, k_search, theta, ng
-        )
+        cand = candidates[sl]
+        if excl is not None:
+            cand = np.where(cand == excl[sl].reshape((-1,) + (1,) * (cand.ndim - 1)), -1, cand)
+        finish = _finish_visible_mean if mode == "visible-mean" else _finish_intersection
+        out_index[sl], out_score[sl] = finish(query[sl], parts[sl], gallery, cand, k, theta)
+        release_rows(gallery, 0, ng)
     return Neighbourhoods(out_index, out_score, parts)
 
 
-def _intersection_batch(
-    qhat: np.ndarray,
-    parts: np.ndarray,
-    part_indexes: list[faiss.Index | None],
-    excl: np.ndarray | None,
-    sl: slice,
-    k: int,
-    k_search: int,
-    theta: float,
-    ng: int,
-) -> tuple[np.ndarray, np.ndarray]:
+def resolve_nprobe(nlist: int, nprobe: int | None = None) -> int:
+    """IVF lists visited per query: ``nprobe`` (at most ``nlist``), or by default
+    ``max(MIN_NPROBE, nlist // NPROBE_DIVISOR)``."""
+    if nprobe is None:
+        nprobe = max(MIN_NPROBE, nlist // NPROBE_DIVISOR)
+    return int(min(nprobe, nlist))
+
+
+# --------------------------------------------------------------------------------------
+# Stage 1: candidates
+# --------------------------------------------------------------------------------------
+@dataclass
+class _IndexSpec:
+    kind: str
+    nlist: int | None
+    nprobe: int | None
+    pq_m: int | None
+    opq: bool
+    device: torch.device | None
+    gallery_chunk: int | None
+
+    def chunk(self, gallery: np.ndarray) -> int:
+        return self.gallery_chunk or chunk_rows(gallery, 256 * 1024 * 1024)
+
+
+def _candidates(query, parts, gallery, mode, per, excl, batch_size, spec) -> np.ndarray:
+    """``(Q, per)`` (visible-mean) or ``(Q, M, per)`` (intersection) candidate gallery
+    indices, ``-1`` padded; the query itself may still be among them."""
+    nq, m, _ = query.shape
+    jobs = ([(None, np.arange(nq))] if mode == "visible-mean" else
+            [(p, np.flatnonzero(parts[:, p])) for p in range(m) if parts[:, p].any()])
+    if spec.kind == "flat" and spec.device is not None:
+        found = _torch_candidates(query, parts, gallery, jobs, per, excl, batch_size, spec)
+    else:
+        found = {}
+        for p, rows in jobs:
+            idx = _faiss_index(gallery, p, spec)
+            ids = np.full((rows.size, per), -1, dtype=np.int64)
+            for s in range(0, rows.size, batch_size):
+                r = rows[s:s + batch_size]
+                vec = _query_vectors(query[r], parts[r], p)
+                ids[s:s + len(r)] = idx.search(vec, per)[1]
+            found[p] = ids
+            del idx
+    if mode == "visible-mean":
+        return found[None]
+    out = np.full((nq, m, per), -1, dtype=np.int64)
+    for p, rows in jobs:
+        out[rows, p] = found[p]
+    return out
+
+
+def _query_vectors(q: np.ndarray, parts: np.ndarray, part: int | None) -> np.ndarray:
+    """float32 search vectors: part ``part`` normalised, or (``None``) the weighted
+    concatenation whose inner product with a gallery vector is the mean cosine."""
+    if part is not None:
+        return np.ascontiguousarray(_normalise(q[:, part]))
+    w = (parts / parts.sum(axis=1, keepdims=True)).astype(np.float32)
+    return (_normalise(q) * w[:, :, None]).reshape(len(q), -1)
+
+
+def _gallery_vectors(chunk: np.ndarray, part: int | None) -> np.ndarray:
+    """float32 index vectors of a gallery chunk: one normalised part, or all concatenated."""
+    x = _normalise(chunk if part is None else chunk[:, part])
+    return np.ascontiguousarray(x.reshape(len(x), -1))
+
+
+def _faiss_index(gallery: np.ndarray, part: int | None, spec: _IndexSpec) -> faiss.Index:
+    """A faiss inner-product index over the gallery vectors, filled chunk by chunk."""
+    ng, m, d = gallery.shape
+    dim = m * d if part is None else d
+    rows = spec.chunk(gallery)
+    if spec.kind == "flat":
+        idx = faiss.IndexFlatIP(dim)
+    else:
+        n_train = min(ng, max(TRAIN_POINTS_PER_LIST * spec.nlist, 2 ** 16 if
+                              spec.kind == "ivfpq" else 0))
+        pick = np.sort(np.random.default_rng(1234).choice(ng, n_train, replace=False))
+        train = np.concatenate([_gallery_vectors(np.asarray(gallery[pick[s:s + rows]]), part)
+                                for s in range(0, n_train, rows)])
+        release_rows(gallery, 0, ng)
+        if spec.kind == "ivf":
+            idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, spec.nlist,
+                                     faiss.METRIC_INNER_PRODUCT)
+        else:
+            pq_m = spec.pq_m or _default_pq_m(dim)
+            if dim % pq_m:
+                raise ValueError(f"pq_m={pq_m} must divide the vector dimension {dim}")
+            # 8 bits per code when there are enough training points (39 per centroid).
+            nbits = int(min(8, max(1, math.floor(math.log2(max(2, n_train // 39))))))
+            # Built directly: index_factory("IVF..,PQ..") also turns on the (slow) polysemous
+            # training, of no use here.
+            idx = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, spec.nlist, pq_m, nbits,
+                                   faiss.METRIC_INNER_PRODUCT)
+            if spec.opq:
+                ivfpq, opq = idx, faiss.OPQMatrix(dim, pq_m)
+                idx = faiss.IndexPreTransform(opq, ivfpq)
+                idx.referenced_objects = [opq, ivfpq]  # keep both alive with the wrapper
+        idx.train(train)
+        del train
+        faiss.extract_index_ivf(idx).nprobe = spec.nprobe
+    for _, chunk in iter_rows(gallery, rows):
+        idx.add(_gallery_vectors(chunk, part))
+    if spec.kind != "flat" and spec.device is not None and spec.device.type == "cuda" \
+            and _faiss_gpus() > 0:
+        res = faiss.StandardGpuResources()
+        gpu = faiss.index_cpu_to_gpu(res, spec.device.index or 0, idx)
+        gpu.referenced_resources = res  # keep the resources alive with the index
+        return gpu
+    return idx
+
+
+def _faiss_gpus() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def _default_pq_m(dim: int) -> int:
+    """The largest divisor of ``dim`` that is at most ``dim / 16`` (16-d sub-vectors), or 8
+    for short vectors (a part of 16 dimensions in 1 byte loses too much)."""
+    target = max(dim // 16, min(dim, 8))
+    return max(m for m in range(1, target + 1) if dim % m == 0)
+
+
+@torch.inference_mode()
+def _torch_candidates(query, parts, gallery, jobs, per, excl, batch_size,
+                      spec: _IndexSpec) -> dict[int | None, np.ndarray]:
+    """Exact top-``per`` by chunked matrix products on ``spec.device``.
+
+    The gallery streams through in row chunks (each normalised once); every job's queries
+    meet each chunk in batches of at most ``batch_size``, against blocks of gallery rows
+    (1024 on a CPU, where a ``4096 x 1024`` product stays in cache as faiss' own blocks do;
+    whole chunks up to 256 MiB of similarities on a GPU), and a running top-``per`` is kept
+    with ``topk``."""
+    dev = spec.device
+    m, d = gallery.shape[1:]
+    step = min(batch_size, 4096)
+    block = 1024 if dev.type == "cpu" else max(1024, (256 << 20) // (4 * step))
+    best = {p: (torch.full((rows.size, per), -math.inf, device=dev),
+                torch.full((rows.size, per), -1, dtype=torch.long, device=dev))
+            for p, rows in jobs}
+    excl_t = None if excl is None else torch.from_numpy(excl).to(dev)
+    for g0, chunk in iter_rows(gallery, spec.chunk(gallery)):
+        g = torch.nn.functional.normalize(torch.from_numpy(chunk).to(dev), dim=-1)
+        gc = g.shape[0]
+        for p, rows in jobs:
+            gm = g.reshape(gc, m * d) if p is None else g[:, p].contiguous()
+            vals, ids = best[p]
+            for s in range(0, rows.size, step):
+                r = rows[s:s + step]
+                q = torch.from_numpy(_query_vectors(query[r], parts[r], p)).to(dev)
+                local = None if excl_t is None else excl_t[torch.from_numpy(r).to(dev)] - g0
+                found_v, found_i = [vals[s:s + len(r)]], [ids[s:s + len(r)]]
+                for b0 in range(0, gc, block):
+                    gb = gm[b0:b0 + block]
+                    sims = q @ gb.T
+                    if local is not None:
+                        hit = (local >= b0) & (local < b0 + gb.shape[0])
+                        sims[hit.nonzero().squeeze(1), local[hit] - b0] = -math.inf
+                    v, i = sims.topk(min(per, gb.shape[0]), dim=1)
+                    found_v.append(v)
+                    found_i.append(i + (g0 + b0))
+                # one merge per batch and chunk: few small ops (each is a thread fork/join)
+                top_v, pick = torch.cat(found_v, dim=1).topk(per, dim=1)
+                vals[s:s + len(r)] = top_v
+                ids[s:s + len(r)] = torch.cat(found_i, dim=1).gather(1, pick)
+        del g
+    return {p: torch.where(v > -math.inf, i, -1).cpu().numpy() for p, (v, i) in best.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Stage 2: exact scores, order, threshold
+# --------------------------------------------------------------------------------------
+def _cosines(q: np.ndarray, gallery: np.ndarray, ids: np.ndarray,
+             part: int | None = None) -> np.ndarray:
+    """Cosines between query rows ``q`` ``(b, M, D)`` and their candidates ``ids`` ``(b, c)``:
+    ``(b, c, M)`` per part, or ``(b, c)`` for one ``part``. Each value is one dot product and
+    two norms over ``D`` (``einsum``), so it never depends on the other rows of the batch."""
+    b, c = ids.shape
+    width = gallery.shape[2] * (gallery.shape[1] if part is None else 1)
+    step = max(1, RESCORE_BYTES // (4 * max(1, c) * width))
+    out = np.empty((b, c) + ((gallery.shape[1],) if part is None else ()), dtype=np.float64)
+    for s in range(0, b, step):
+        sub = np.clip(ids[s:s + step], 0, None)
+        qq = np.asarray(q[s:s + step] if part is None else q[s:s + step, part], np.float32)
+        gg = np.asarray(gallery[sub] if part is None else gallery[sub, part], np.float32)
+        dot = np.einsum("bc...d,b...d->bc...", gg, qq)
+        norm = (np.sqrt(np.einsum("bc...d,bc...d->bc...", gg, gg))
+                * np.sqrt(np.einsum("b...d,b...d->b...", qq, qq))[:, None])
+        out[s:s + step] = np.where(norm > 0, dot / np.where(norm > 0, norm, 1.0), 0.0)
+    return out
+
+
+def _ranked(ids: np.ndarray, score: np.ndarray, k: int, theta: float
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` valid candidates of each row by (score desc, index asc) that reach
+    ``theta``, packed to the front."""
+    valid = ids >= 0
+    score = np.where(valid, score, -np.inf)
+    order = np.lexsort((ids, -score), axis=-1)[:, :k]
+    ids, score, valid = (np.take_along_axis(a, order, axis=1) for a in (ids, score, valid))
+    return _pack(ids, score, valid & (score >= theta), k)
+
+
+def _finish_visible_mean(q, parts, gallery, cand, k, theta):
+    w = parts / parts.sum(axis=1, keepdims=True)
+    score = (_cosines(q, gallery, cand) * w[:, None, :]).sum(axis=-1)
+    ids, sc = _ranked(cand, score, k, theta)
+    return ids, sc.astype(np.float32)
+
+
+def _finish_intersection(q, parts, gallery, cand, k, theta):
     """Eq. 3 for one batch of queries, vectorised over the batch (no per-image loop)."""
-    b, m, _ = qhat.shape
+    b, m, _ = q.shape
+    ng = gallery.shape[0]
     cand_ids = np.full((b, m, k), -1, dtype=np.int64)
-    cand_sims = np.zeros((b, m, k), dtype=np.float32)
-    excl_b = None if excl is None else excl[sl]
+    cand_sims = np.zeros((b, m, k), dtype=np.float64)
     for p in range(m):
         rows = np.flatnonzero(parts[:, p])
         if rows.size == 0:
             continue
-        sims, ids = part_indexes[p].search(np.ascontiguousarray(qhat[rows, p]), k_search)
-        # The K nearest by part p (the query itself excluded), then the threshold.
-        keep = _valid_ids(ids, None if excl_b is None else excl_b[rows], slice(None))
-        keep &= np.cumsum(keep, axis=1) <= k
-        keep &= sims >= theta
-        ids_p, sims_p = _pack(ids, sims, keep, k)
-        cand_ids[rows, p] = ids_p
-        cand_sims[rows, p] = sims_p
+        ids = cand[rows, p]
+        # The K nearest by part p (the query itself already dropped), then the threshold.
+        cand_ids[rows, p], cand_sims[rows, p] = _ranked(ids, _cosines(q[rows], gallery, ids, p),
+                                                        k, theta)
 
     # Count in how many searching parts each (row, id) appears; each part list is duplicate
     # free, so a candidate is in the intersection iff its count equals the row's |S|.
@@ -315,7 +558,7 @@ def _intersection_batch(
     if keys.size == 0:
         return out_ids, out_sims
     uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=cand_sims[valid].astype(np.float64), minlength=uniq.size)
+    sums = np.bincount(inverse, weights=cand_sims[valid], minlength=uniq.size)
     urow, uid = uniq // ng, uniq % ng
     need = parts.sum(axis=1)[urow]
     hit = counts == need
@@ -337,7 +580,7 @@ def _pack(
     """Move the kept entries of each row to the front (stable) and pad to width ``k``."""
     b = ids.shape[0]
     out_ids = np.full((b, k), -1, dtype=np.int64)
-    out_sims = np.zeros((b, k), dtype=np.float32)
+    out_sims = np.zeros((b, k), dtype=sims.dtype)
     width = min(k, ids.shape[1])
     if b == 0 or width == 0:
         return out_ids, out_sims
@@ -348,14 +591,6 @@ def _pack(
     return out_ids, out_sims
 
 
-def _valid_ids(ids: np.ndarray, excl: np.ndarray | None, sl: slice) -> np.ndarray:
-    """True where faiss returned a real id that is not the query itself."""
-    keep = ids >= 0
-    if excl is not None:
-        keep &= ids != excl[sl][:, None]
-    return keep
-
-
 def _normalise(x: np.ndarray) -> np.ndarray:
     """L2-normalise the last axis in float32; zero vectors stay zero (no NaN)."""
     x = np.asarray(x, dtype=np.float32)
@@ -363,26 +598,8 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0).astype(np.float32)
 
 
-def _build_index(
-    x: np.ndarray, ivf: bool, nlist: int | None, nprobe: int
-) -> faiss.Index:
-    """An exact or IVF inner-product index over the rows of ``x``."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    dim = x.shape[1]
-    if not ivf:
-        idx = faiss.IndexFlatIP(dim)
-        idx.add(x)
-        return idx
-    quantizer = faiss.IndexFlatIP(dim)
-    idx = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    idx.train(x)
-    idx.add(x)
-    idx.nprobe = min(nprobe, nlist)
-    return idx
-
-
 def _ivf_nlist(nlist: int | None, ng: int) -> int | None:
-    """IVF list count: ``4 * sqrt(G)`` by default, at most ``G // 39``; None means use flat."""
+    """IVF list count: ``sqrt(G)`` by default, at most ``G // 39``; None means use flat."""
     max_lists = ng // MIN_POINTS_PER_LIST
     if max_lists < 1:
         warnings.warn(
@@ -393,7 +610,7 @@ def _ivf_nlist(nlist: int | None, ng: int) -> int | None:
         )
         return None
     if nlist is None:
-        return max(1, min(int(round(4 * math.sqrt(ng))), max_lists))
+        return max(1, min(int(round(math.sqrt(ng))), max_lists))
     if nlist > max_lists:
         warnings.warn(
             f"nlist={nlist} needs {MIN_POINTS_PER_LIST * nlist} training points but the gallery "
@@ -405,16 +622,39 @@ def _ivf_nlist(nlist: int | None, ng: int) -> int | None:
     return int(nlist)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be None or a torch device, got {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    return dev
+
+
 def _check_features(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(x)
+    """Shape and dtype checks, and a finiteness check in row chunks (a memory map is read
+    once, never copied whole)."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
     if x.ndim != 3:
         raise ValueError(f"{name} must be a (N, M, D) array of part features, got shape {x.shape}")
     if x.dtype not in (np.float32, np.float16):
         raise ValueError(f"{name} must be float32 or float16, got dtype {x.dtype}")
     if x.shape[1] < 1 or x.shape[2] < 1:
         raise ValueError(f"{name} needs at least one part and one dimension, got {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+    rows = chunk_rows(x)
+    for start in range(0, x.shape[0], rows):
+        ok = np.isfinite(x[start:start + rows]).all()
+        release_rows(x, start, start + rows)
+        if not ok:
+            raise ValueError(f"{name} contains NaN or infinite values")
     return x
 
 

@@ -1,0 +1,128 @@
+"""Large part-feature arrays without loading them: memory maps and row streaming.
+
+A gallery of :math:`10^7` images with 6 parts x 256 dimensions is 31 GB in float16, more
+than the memory of most machines. Three helpers keep such arrays on disk:
+
+* :func:`map_npz_member` maps one array of an ``.npz`` archive read-only. ``np.load`` cannot
+  memory-map an ``.npz``, but ``np.savez`` (what :func:`orgnn.features.save_part_features`
+  uses) stores members *uncompressed*: the member's bytes are a plain ``.npy`` file at a fixed
+  offset in the archive, so they can be mapped in place. Compressed members cannot; they are
+  refused with a clear error (rewrite the archive with ``np.savez``).
+* :func:`iter_rows` streams row chunks of an array as float32 copies; when the array is
+  memory-mapped it hands each chunk's pages back to the page cache after use
+  (``madvise(MADV_DONTNEED)``), so one pass over a 31 GB file keeps only one chunk resident in
+  the process.
+* :func:`open_npy` creates a ``.npy`` file of a given shape and maps it writable, for
+  generating or writing large arrays chunk by chunk.
+
+The mapped pages live in the operating system's page cache: several processes (the ranks of a
+``torchrun`` job) mapping one file share one copy.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["map_npz_member", "iter_rows", "release_rows", "open_npy", "is_mapped"]
+
+#: Rows per chunk of :func:`iter_rows` when not given: about 64 MiB of float32 per chunk.
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def map_npz_member(path: str | os.PathLike, key: str) -> np.memmap:
+    """Map array ``key`` of the ``.npz`` archive ``path`` read-only, without reading it.
+
+    Raises:
+        ValueError: the member is compressed, or is not a plain (non-object) array.
+        KeyError: the archive has no member ``key``.
+    """
+    path = Path(path)
+    name = f"{key}.npy"
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path}: member {name!r} is compressed and cannot be memory-"
+                             f"mapped; write the archive with np.savez (not savez_compressed)")
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: member {name!r} has no local zip header")
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+        start = info.header_offset + 30 + name_len + extra_len
+        fh.seek(start)
+        version = np.lib.format.read_magic(fh)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(fh)
+        if dtype.hasobject:
+            raise ValueError(f"{path}: member {name!r} holds Python objects; refused")
+        offset = fh.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                     order="F" if fortran else "C")
+
+
+def open_npy(path: str | os.PathLike, shape: tuple[int, ...],
+             dtype: np.dtype | str = np.float16) -> np.memmap:
+    """Create ``path`` as an ``.npy`` file of ``shape`` and map it writable."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+
+
+def is_mapped(x: np.ndarray) -> bool:
+    """Whether ``x`` (or an array it views) is a memory map."""
+    return _mmap_of(x) is not None
+
+
+def _mmap_of(x: np.ndarray) -> mmap.mmap | None:
+    obj = x
+    while obj is not None:
+        if isinstance(obj, mmap.mmap):
+            return obj
+        mm = getattr(obj, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            return mm
+        obj = getattr(obj, "base", None)
+    return None
+
+
+def release_rows(x: np.ndarray, start: int, stop: int) -> None:
+    """Drop rows ``start:stop`` of a memory-mapped ``x`` from this process' resident set
+    (the file's pages stay in the page cache); a no-op for ordinary arrays."""
+    mm = _mmap_of(x)
+    if mm is None or stop <= start or not x.flags.c_contiguous or not hasattr(mm, "madvise"):
+        return
+    try:
+        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    except (TypeError, ValueError):
+        return
+    row = x.strides[0]
+    lo = x.ctypes.data - base + start * row
+    hi = x.ctypes.data - base + stop * row
+    page = mmap.PAGESIZE
+    lo, hi = (lo // page) * page, min(len(mm), -(-hi // page) * page)
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def chunk_rows(x: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows per chunk so that one float32 chunk of ``x`` is about ``chunk_bytes``."""
+    per_row = 4 * int(np.prod(x.shape[1:], dtype=np.int64)) or 1
+    return max(1, chunk_bytes // per_row)
+
+
+def iter_rows(x: np.ndarray, rows: int | None = None,
+              dtype: np.dtype | type = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, chunk)`` over ``x`` in row chunks converted to ``dtype`` (a copy); a mapped
+    ``x`` gives each chunk's pages back after use."""
+    rows = rows or chunk_rows(x)
+    for start in range(0, x.shape[0], rows):
+        stop = min(start + rows, x.shape[0])
+        chunk = np.array(x[start:stop], dtype=dtype)
+        release_rows(x, start, stop)
+        yield start, chunk
