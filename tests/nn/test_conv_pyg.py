@@ -47,6 +47,21 @@ def _gather_rendering(conv):
     return conv
 
 
+def _csr_rendering(conv):
+    """The layer run without autograd, where it takes its CSR rendering (checked: the fused
+    ``message_and_aggregate`` must run)."""
+    calls = []
+    conv.register_message_and_aggregate_forward_hook(lambda *args: calls.append(1))
+
+    def run(*args, **kwargs):
+        before = len(calls)
+        with torch.no_grad():
+            out = conv(*args, **kwargs)
+        assert len(calls) == before + 1, "the CSR rendering did not run"
+        return out
+    return run
+
+
 def _params(conv):
     return (conv.lin.weight, conv.lin.bias, conv.att.weight, conv.att.bias)
 
@@ -70,11 +85,12 @@ def _edges(edge_index):
 def test_every_input_form_gives_the_same_output():
     x = _rand(4, 8)
     edge_index = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 1]])   # a self-loop 0 -> 0
-    conv = _conv(ORGNNConv, 8, 32)
-    assert str(conv) == "ORGNNConv(8, 32)"
+    layer = _conv(ORGNNConv, 8, 32)
+    assert str(layer) == "ORGNNConv(8, 32)"
+    conv = _csr_rendering(layer)
     out = conv(x, edge_index)
     assert out.size() == (4, 32)
-    expected = orgnn_general_loop(x, x, _edges(edge_index), *_params(conv))
+    expected = orgnn_general_loop(x, x, _edges(edge_index), *_params(layer))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(conv(x, edge_index, size=(4, 4)), out)
     torch.testing.assert_close(conv((x, x), edge_index), out)            # one node set
@@ -86,65 +102,70 @@ def test_every_input_form_gives_the_same_output():
         if order is not None:
             ei = ei.sort_by(order)[0]
         torch.testing.assert_close(conv(x, ei), out, atol=1e-6, rtol=1e-5)
-    # both renderings
+    # the other rendering, and the layer under autograd
     torch.testing.assert_close(_gather_rendering(_conv(ORGNNConv, 8, 32))(x, edge_index), out,
                                atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(layer(x, edge_index), out, atol=1e-6, rtol=1e-5)
 
 
-def test_return_attention_weights_in_every_form():
-    x = _rand(4, 8)
-    edge_index = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 1]])
-    conv = _conv(ORGNNConv, 8, 32)
-    out, (ei, alpha) = conv(x, edge_index, return_attention_weights=True)
-    torch.testing.assert_close(out, conv(x, edge_index))
-    assert ei is edge_index and alpha.size() == (4,)
-    assert alpha.min() >= 0 and alpha.max() <= 1
-    torch.testing.assert_close(torch.zeros(4).index_add_(0, edge_index[1], alpha),
-                               torch.tensor([1.0, 1.0, 0.0, 0.0]))
-    for layout in LAYOUTS:
-        adj_t = _adj_t(edge_index, (4, 4), layout)
-        out_s, (adj, alpha_s) = conv(x, adj_t, return_attention_weights=True)
-        torch.testing.assert_close(out_s, out, atol=1e-6, rtol=1e-5)
-        assert adj.layout == layout and adj.size() == (4, 4) and adj._nnz() == 4
-        dense = torch.zeros(4, 4)
-        dense[edge_index[1], edge_index[0]] = alpha
-        torch.testing.assert_close(adj.to_dense(), dense, atol=1e-6, rtol=1e-5)
-        assert alpha_s.size() == (4,)
-    ei_sorted = EdgeIndex(edge_index, sparse_size=(4, 4)).sort_by("col")[0]
-    _, (ei_back, alpha_e) = conv(x, ei_sorted, return_attention_weights=True)
-    assert isinstance(ei_back, EdgeIndex) and ei_back is ei_sorted
-    dense_e = torch.zeros(4, 4)
-    dense_e[ei_sorted[1], ei_sorted[0]] = alpha_e
-    torch.testing.assert_close(dense_e, dense, atol=1e-6, rtol=1e-5)
+@pytest.mark.parametrize("grad", [False, True])
+def test_return_attention_weights_in_every_form(grad):
+    with torch.set_grad_enabled(grad):   # False: the CSR rendering
+        x = _rand(4, 8)
+        edge_index = torch.tensor([[0, 1, 2, 3], [0, 0, 1, 1]])
+        conv = _conv(ORGNNConv, 8, 32)
+        out, (ei, alpha) = conv(x, edge_index, return_attention_weights=True)
+        torch.testing.assert_close(out, conv(x, edge_index))
+        assert ei is edge_index and alpha.size() == (4,)
+        assert alpha.min() >= 0 and alpha.max() <= 1
+        torch.testing.assert_close(torch.zeros(4).index_add_(0, edge_index[1], alpha),
+                                   torch.tensor([1.0, 1.0, 0.0, 0.0]))
+        for layout in LAYOUTS:
+            adj_t = _adj_t(edge_index, (4, 4), layout)
+            out_s, (adj, alpha_s) = conv(x, adj_t, return_attention_weights=True)
+            torch.testing.assert_close(out_s, out, atol=1e-6, rtol=1e-5)
+            assert adj.layout == layout and adj.size() == (4, 4) and adj._nnz() == 4
+            dense = torch.zeros(4, 4)
+            dense[edge_index[1], edge_index[0]] = alpha
+            torch.testing.assert_close(adj.to_dense(), dense, atol=1e-6, rtol=1e-5)
+            assert alpha_s.size() == (4,)
+        ei_sorted = EdgeIndex(edge_index, sparse_size=(4, 4)).sort_by("col")[0]
+        _, (ei_back, alpha_e) = conv(x, ei_sorted, return_attention_weights=True)
+        assert isinstance(ei_back, EdgeIndex) and ei_back is ei_sorted
+        dense_e = torch.zeros(4, 4)
+        dense_e[ei_sorted[1], ei_sorted[0]] = alpha_e
+        torch.testing.assert_close(dense_e, dense, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", [None, "edge_index", *LAYOUTS])
-def test_returned_adjacency_follows_the_input_with_added_self_loops(layout):
-    x = _rand(5, 8)
-    edge_index = torch.tensor([[0, 1, 2, 3, 4, 2], [1, 0, 1, 1, 3, 2]])   # has a loop 2 -> 2
-    conv = _conv(ORGNNConv, 8, 4, add_self_loops=True)
-    ref_out, (ref_ei, ref_alpha) = conv(x, edge_index, return_attention_weights=True)
-    assert ref_ei.size(1) == 5 + 5   # the old loop replaced, one loop per node
-    expected = orgnn_general_loop(x, x, _edges(ref_ei), *_params(conv))
-    torch.testing.assert_close(ref_out, expected, atol=1e-5, rtol=1e-4)
-    dense = torch.zeros(5, 5)
-    dense[ref_ei[1], ref_ei[0]] = ref_alpha
-    if layout is None:
-        return
-    if layout == "edge_index":
-        inp = EdgeIndex(edge_index, sparse_size=(5, 5))
-    else:
-        inp = _adj_t(edge_index, (5, 5), layout)
-    out, (adj, alpha) = conv(x, inp, return_attention_weights=True)
-    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
-    if layout == "edge_index":
-        assert isinstance(adj, torch.Tensor) and adj.size() == (2, 10)
-        got = torch.zeros(5, 5)
-        got[adj[1], adj[0]] = alpha
-    else:
-        assert adj.layout == layout and adj._nnz() == 10
-        got = adj.to_dense()
-    torch.testing.assert_close(got, dense, atol=1e-6, rtol=1e-5)
+@pytest.mark.parametrize("grad", [False, True])
+def test_returned_adjacency_follows_the_input_with_added_self_loops(layout, grad):
+    with torch.set_grad_enabled(grad):   # False: the CSR rendering
+        x = _rand(5, 8)
+        edge_index = torch.tensor([[0, 1, 2, 3, 4, 2], [1, 0, 1, 1, 3, 2]])   # has a loop 2 -> 2
+        conv = _conv(ORGNNConv, 8, 4, add_self_loops=True)
+        ref_out, (ref_ei, ref_alpha) = conv(x, edge_index, return_attention_weights=True)
+        assert ref_ei.size(1) == 5 + 5   # the old loop replaced, one loop per node
+        expected = orgnn_general_loop(x, x, _edges(ref_ei), *_params(conv))
+        torch.testing.assert_close(ref_out, expected, atol=1e-5, rtol=1e-4)
+        dense = torch.zeros(5, 5)
+        dense[ref_ei[1], ref_ei[0]] = ref_alpha
+        if layout is None:
+            return
+        if layout == "edge_index":
+            inp = EdgeIndex(edge_index, sparse_size=(5, 5))
+        else:
+            inp = _adj_t(edge_index, (5, 5), layout)
+        out, (adj, alpha) = conv(x, inp, return_attention_weights=True)
+        torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
+        if layout == "edge_index":
+            assert isinstance(adj, torch.Tensor) and adj.size() == (2, 10)
+            got = torch.zeros(5, 5)
+            got[adj[1], adj[0]] = alpha
+        else:
+            assert adj.layout == layout and adj._nnz() == 10
+            got = adj.to_dense()
+        torch.testing.assert_close(got, dense, atol=1e-6, rtol=1e-5)
 
 
 def test_assert_module_edge_permutation_and_sparse_layouts():
@@ -188,7 +209,7 @@ def test_k_neighbours_into_one_target_equal_the_complete_graph_target_row(k):
     conv = _conv(ORGNNConv, 16, 16)
     complete = orgnn_layer_loop(x, *_params(conv))[0]          # the paper's Eq. 4-6
     star = torch.stack([torch.arange(k), torch.zeros(k, dtype=torch.long)])
-    for layer in (conv, _gather_rendering(_conv(ORGNNConv, 16, 16))):
+    for layer in (_csr_rendering(conv), _gather_rendering(_conv(ORGNNConv, 16, 16)), conv):
         out = layer((nbrs, target), star)
         assert out.size() == (1, 16)
         torch.testing.assert_close(out[0], complete, atol=1e-6, rtol=1e-5)
@@ -222,7 +243,7 @@ def test_general_graphs_equal_the_edge_by_edge_reference(bipartite, outlier_awar
     expected = orgnn_general_loop(x_src, x_dst, _edges(ei),
                                   *_params(_conv(outlier_aware=outlier_aware)),
                                   outlier_aware=outlier_aware, bipartite=bipartite)
-    for layer in (_conv(outlier_aware=outlier_aware),
+    for layer in (_csr_rendering(_conv(outlier_aware=outlier_aware)),
                   _gather_rendering(_conv(outlier_aware=outlier_aware))):
         torch.testing.assert_close(layer(x, ei), expected, atol=1e-5, rtol=1e-4)
         adj_t = _adj_t(ei, (num_src, num_dst), torch.sparse_csr)
@@ -246,7 +267,7 @@ def test_edge_confidence_function(bipartite):
 
 
 @pytest.mark.parametrize("bipartite", [False, True])
-def test_gradients_of_both_renderings_equal_the_reference(bipartite):
+def test_gradients_equal_the_reference(bipartite):
     num_src, num_dst = (6, 4) if bipartite else (6, 6)
     ei = _random_graph(num_src, num_dst, 16, seed=7, bipartite=bipartite)
     x_src = _rand(num_src, 5, dtype=torch.float64).requires_grad_()
@@ -258,12 +279,11 @@ def test_gradients_of_both_renderings_equal_the_reference(bipartite):
     ref = orgnn_general_loop(x_src, x_dst, _edges(ei), *_params(ref_conv), bipartite=bipartite)
     weights = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).view_as(ref)
     ref_grads = torch.autograd.grad((ref * weights).sum(), [*inputs, *_params(ref_conv)])
-    for conv in (_conv(dtype=torch.float64, f_in=5, f_out=3),
-                 _gather_rendering(_conv(dtype=torch.float64, f_in=5, f_out=3))):
-        out = conv(x, ei)
-        grads = torch.autograd.grad((out * weights).sum(), [*inputs, *_params(conv)])
-        for got, want in zip(grads, ref_grads):
-            torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
+    conv = _conv(dtype=torch.float64, f_in=5, f_out=3)
+    out = conv(x, ei)
+    grads = torch.autograd.grad((out * weights).sum(), [*inputs, *_params(conv)])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
     assert torch.autograd.gradcheck(lambda *xs: ref_conv(tuple(xs) if bipartite else xs[0], ei),
                                     tuple(inputs))
 

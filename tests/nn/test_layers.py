@@ -38,11 +38,13 @@ def test_repr():
     assert str(ORGNNConv(8, 8, outlier_aware=False)) == "ORGNNConv(8, 8, outlier_aware=False)"
 
 
+@pytest.mark.parametrize("grad", [False, True])   # without autograd: the CSR rendering
 @pytest.mark.parametrize("outlier_aware", [True, False])
-def test_sparse_equals_loop_reference(outlier_aware):
+def test_sparse_equals_loop_reference(outlier_aware, grad):
     conv = _random_conv(ORGNNConv, 12, 7, outlier_aware=outlier_aware)
     graphs = _graphs(SIZES, 12)
-    out = conv(torch.cat(graphs), complete_edge_index(SIZES))
+    with torch.set_grad_enabled(grad):
+        out = conv(torch.cat(graphs), complete_edge_index(SIZES))
     expected = torch.cat([orgnn_layer_loop(g, *_params(conv), outlier_aware) for g in graphs])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
