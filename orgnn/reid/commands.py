@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from orgnn.cli_args import float_range, input_dir, int_range
+from orgnn.cli_args import float_range, input_dir, int_range, output_dir
 
 __all__ = ["register"]
 
@@ -140,8 +140,9 @@ def register(subparsers) -> None:
     p.add_argument("--oan", metavar="CKPT", help="OAN checkpoint; needs --mask-dir")
     p.add_argument("--mask-dir", metavar="DIR", type=input_dir,
                    help="person masks from `orgnn masks` (needed with --oan)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder for {train,query,gallery}.npz")
+    p.add_argument("--out", required=True, metavar="DIR", type=output_dir,
+                   help="folder for {train,query,gallery}.npz, replaced as one set when "
+                        "every split is extracted (other files in it are kept)")
     p.add_argument("--splits", nargs="+", choices=("train", "query", "gallery"),
                    help="default: every non-empty split")
     p.add_argument("--visibility", choices=("oan", "ones", "occluder"),
@@ -211,8 +212,17 @@ def _extract(args) -> int:
 
     if args.oan and not args.mask_dir:
         raise ValueError("--oan needs --mask-dir (the masks from `orgnn masks`)")
-    extract(args.dataset, args.dataset_dir, args.fen, args.out, args.oan, args.mask_dir,
-            args.splits, args.visibility, args.occlude_prob, args.occlude_splits, args.height,
-            args.width, args.batch_size, args.device, args.workers, args.seed,
-            args.on_bad_image, args.amp, args.progress)
+    from orgnn.io_atomic import replace_dir
+
+    def build(folder) -> None:  # every split into a new folder, then one swap
+        def log(message) -> None:
+            print(str(message).replace(str(folder), str(args.out)))
+
+        extract(args.dataset, args.dataset_dir, args.fen, folder, args.oan, args.mask_dir,
+                args.splits, args.visibility, args.occlude_prob, args.occlude_splits,
+                args.height, args.width, args.batch_size, args.device, args.workers,
+                args.seed, args.on_bad_image, args.amp, args.progress, log=log)
+
+    replace_dir(args.out, build)
+    print(f"wrote {args.out} (one set)")
     return 0
