@@ -117,8 +117,13 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
                    help="similarity threshold in [-1, 1] (default 0.7)")
     g.add_argument("--mode", default="visible-mean", choices=["visible-mean", "intersection"],
                    help="search mode (default visible-mean; see docs for why)")
-    g.add_argument("--index", default="flat", choices=["flat", "ivf"],
-                   help="faiss index: exact (flat) or IVF for large galleries")
+    g.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq"],
+                   help="exact (flat), IVF, or IVF-PQ with exact re-ranking (galleries of "
+                        "millions; see docs/scale.md)")
+    g.add_argument("--device", default=None, metavar="DEV",
+                   help="torch device for the exact search and the OR-GNN (cpu, cuda, "
+                        "cuda:1, auto); default: faiss search and the OR-GNN on the CPU. "
+                        "Under torchrun, cuda means cuda:LOCAL_RANK")
 
 
 def _add_train_options(p: argparse.ArgumentParser, min_epochs: int = 1) -> None:
@@ -171,7 +176,8 @@ def _configs(args: argparse.Namespace):
     search = SearchConfig(k=getattr(args, "k", defaults.k),
                           theta=getattr(args, "theta", defaults.theta),
                           mode=getattr(args, "mode", defaults.mode),
-                          index=getattr(args, "index", defaults.index))
+                          index=getattr(args, "index", defaults.index),
+                          device=getattr(args, "device", defaults.device))
     train = TrainConfig(epochs=args.epochs, k=args.train_k, theta=args.train_theta,
                         mode=search.mode, init=args.init, target_init=args.target_init,
                         classifier_init=args.classifier_init,
@@ -275,17 +281,24 @@ def _data_prefix(data: str) -> str:
 # Handlers
 # --------------------------------------------------------------------------------------
 def _run(splits, args: argparse.Namespace, title: str, where: str = "") -> int:
+    from orgnn import distributed
     from orgnn.pipeline import ABLATION_ROWS, format_table, run_ablation
 
     rows = ABLATION_ROWS if not args.rows else tuple(args.rows.split(","))
+    group = distributed.setup(getattr(args, "device", None))
     fit_to_data(args, splits, where)
     visibility_warnings(splits, where, oan=bool({"oan", "oan_rr"} & set(rows)))
     counts = query_counts(splits["query"], splits["gallery"])
     check_scored(counts)
     config = _configs(args)
+    config.search.device = None if group.device is None else str(group.device)
     query = splits["query"]
     config.batch_size = graph_batch_size(config.search.k, query.num_parts, query.dim)
-    result = run_ablation(splits, config, rows=rows, progress=not args.quiet)
+    result = run_ablation(splits, config, rows=rows, progress=not args.quiet and
+                          distributed.is_main())
+    distributed.finish()
+    if not distributed.is_main(group):  # under torchrun rank 0 prints and writes
+        return 0
     print(format_table(result, title))
     print(counts_line(counts))
     if args.json:
@@ -329,6 +342,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
+    from orgnn import distributed
     from orgnn.features import PartFeatures, load_split_dir, save_split_dir
     from orgnn.io_atomic import pause_for_tests, replace_dir
     from orgnn.pipeline import reconstruct, search_split
@@ -346,17 +360,27 @@ def _reconstruct(args: argparse.Namespace) -> int:
     fit_to_data(args, splits, where)
     visibility_warnings(splits, where)
     gallery = splits["gallery"]
-    cfg = SearchConfig(k=args.k, theta=args.theta, mode=args.mode, index=args.index)
+    group = distributed.setup(args.device)  # several ranks under torchrun: each takes a share
+    main = distributed.is_main(group)
+    cfg = SearchConfig(k=args.k, theta=args.theta, mode=args.mode, index=args.index,
+                       device=None if group.device is None else str(group.device))
     batch = graph_batch_size(cfg.k, gallery.num_parts, gallery.dim,
                              getattr(model, "hidden_channels", None))
     out = {}
     for name, target in splits.items():
         nbrs = search_split(target, gallery, cfg, same_split=name == "gallery")
         feats = reconstruct(model, target.features, gallery.features, nbrs, batch_size=batch,
-                            progress=not args.quiet, target_visibility=target.visibility)
+                            device=group.device or "cpu", progress=not args.quiet and main,
+                            target_visibility=target.visibility)
         out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32), target.pids,
                                  target.camids, target.paths)
-        print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours", flush=True)
+        if main:
+            print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours",
+                  flush=True)
+    distributed.finish()
+    if not main:  # rank 0 holds the gathered set and writes it
+        return 0
+
     def build(folder: Path) -> None:
         save_split_dir(folder, {"query": out["query"]})
         pause_for_tests("query.npz written")

@@ -82,6 +82,8 @@ DEFAULT_REFINE = 4
 CANDIDATE_MARGIN = 2
 #: Training points per IVF list (faiss k-means samples at most 256 per list anyway).
 TRAIN_POINTS_PER_LIST = 64
+#: From this many IVF lists on, the coarse quantiser is an HNSW graph over the centroids.
+HNSW_QUANTIZER_LISTS = 2048
 #: Bytes of float32 candidate features gathered per exact re-scoring step.
 RESCORE_BYTES = 64 * 1024 * 1024
 
@@ -202,6 +204,7 @@ def search_neighbourhoods(
     opq: bool = False,
     refine: int | None = None,
     gallery_chunk: int | None = None,
+    index_cache: dict | None = None,
 ) -> Neighbourhoods:
     """Search the gallery neighbourhood of every query image (paper Eq. 3).
 
@@ -247,6 +250,9 @@ def search_neighbourhoods(
         refine: ``ivfpq`` candidates re-ranked exactly per neighbour (default 4).
         gallery_chunk: gallery rows per chunk of the torch search and of index building
             (default: about 256 MiB of float32).
+        index_cache: a dict kept by the caller to reuse the faiss indexes built for *this*
+            ``gallery`` array in later calls (e.g. another ``nprobe``, or the gallery searching
+            itself after the queries did); ``None`` builds them for this call only.
 
     Returns:
         :class:`Neighbourhoods` with ``(Q, k)`` index and score arrays.
@@ -309,7 +315,8 @@ def search_neighbourhoods(
         per = k_search + CANDIDATE_MARGIN
     spec = _IndexSpec(index, nlist, None if nlist is None else resolve_nprobe(nlist, nprobe),
                       pq_m, opq, dev, gallery_chunk)
-    candidates = _candidates(query, parts, gallery, mode, min(per, ng), excl, batch_size, spec)
+    candidates = _candidates(query, parts, gallery, mode, min(per, ng), excl, batch_size, spec,
+                             index_cache)
 
     for start in range(0, nq, batch_size):
         sl = slice(start, min(start + batch_size, nq))
@@ -347,7 +354,8 @@ class _IndexSpec:
         return self.gallery_chunk or chunk_rows(gallery, 256 * 1024 * 1024)
 
 
-def _candidates(query, parts, gallery, mode, per, excl, batch_size, spec) -> np.ndarray:
+def _candidates(query, parts, gallery, mode, per, excl, batch_size, spec,
+                cache: dict | None = None) -> np.ndarray:
     """``(Q, per)`` (visible-mean) or ``(Q, M, per)`` (intersection) candidate gallery
     indices, ``-1`` padded; the query itself may still be among them."""
     nq, m, _ = query.shape
@@ -358,7 +366,15 @@ def _candidates(query, parts, gallery, mode, per, excl, batch_size, spec) -> np.
     else:
         found = {}
         for p, rows in jobs:
-            idx = _faiss_index(gallery, p, spec)
+            key = (id(gallery), gallery.shape, p, spec.kind, spec.nlist, spec.pq_m, spec.opq,
+                   str(spec.device))
+            idx = None if cache is None else cache.get(key)
+            if idx is None:
+                idx = _faiss_index(gallery, p, spec)
+                if cache is not None:
+                    cache[key] = idx
+            if spec.kind != "flat":
+                _set_nprobe(idx, spec.nprobe)
             ids = np.full((rows.size, per), -1, dtype=np.int64)
             for s in range(0, rows.size, batch_size):
                 r = rows[s:s + batch_size]
@@ -404,7 +420,7 @@ def _faiss_index(gallery: np.ndarray, part: int | None, spec: _IndexSpec) -> fai
                                 for s in range(0, n_train, rows)])
         release_rows(gallery, 0, ng)
         if spec.kind == "ivf":
-            idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, spec.nlist,
+            idx = faiss.IndexIVFFlat(_quantizer(dim, spec.nlist), dim, spec.nlist,
                                      faiss.METRIC_INNER_PRODUCT)
         else:
             pq_m = spec.pq_m or _default_pq_m(dim)
@@ -414,7 +430,7 @@ def _faiss_index(gallery: np.ndarray, part: int | None, spec: _IndexSpec) -> fai
             nbits = int(min(8, max(1, math.floor(math.log2(max(2, n_train // 39))))))
             # Built directly: index_factory("IVF..,PQ..") also turns on the (slow) polysemous
             # training, of no use here.
-            idx = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, spec.nlist, pq_m, nbits,
+            idx = faiss.IndexIVFPQ(_quantizer(dim, spec.nlist), dim, spec.nlist, pq_m, nbits,
                                    faiss.METRIC_INNER_PRODUCT)
             if spec.opq:
                 ivfpq, opq = idx, faiss.OPQMatrix(dim, pq_m)
@@ -422,7 +438,6 @@ def _faiss_index(gallery: np.ndarray, part: int | None, spec: _IndexSpec) -> fai
                 idx.referenced_objects = [opq, ivfpq]  # keep both alive with the wrapper
         idx.train(train)
         del train
-        faiss.extract_index_ivf(idx).nprobe = spec.nprobe
     for _, chunk in iter_rows(gallery, rows):
         idx.add(_gallery_vectors(chunk, part))
     if spec.kind != "flat" and spec.device is not None and spec.device.type == "cuda" \
@@ -432,6 +447,29 @@ def _faiss_index(gallery: np.ndarray, part: int | None, spec: _IndexSpec) -> fai
         gpu.referenced_resources = res  # keep the resources alive with the index
         return gpu
     return idx
+
+
+def _quantizer(dim: int, nlist: int) -> faiss.Index:
+    """The IVF coarse quantiser: exact over the centroids, or, from
+    :data:`HNSW_QUANTIZER_LISTS` lists on, an HNSW graph over them (assigning 10^7 vectors
+    to thousands of 1536-d centroids exactly is most of the build time on a CPU)."""
+    if nlist < HNSW_QUANTIZER_LISTS:
+        return faiss.IndexFlatIP(dim)
+    quantizer = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    quantizer.hnsw.efConstruction = 80
+    return quantizer
+
+
+def _set_nprobe(idx: faiss.Index, nprobe: int) -> None:
+    try:
+        ivf = faiss.extract_index_ivf(idx)
+    except (RuntimeError, TypeError):  # a GPU index (faiss-gpu): set through its parameters
+        faiss.GpuParameterSpace().set_index_parameter(idx, "nprobe", nprobe)
+        return
+    ivf.nprobe = nprobe
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):  # the graph must find nprobe lists
+        quantizer.hnsw.efSearch = max(128, 2 * nprobe)
 
 
 def _faiss_gpus() -> int:

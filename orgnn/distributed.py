@@ -1,0 +1,149 @@
+"""Several processes, one result: ``torchrun``-sharded search and reconstruction.
+
+Started by ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1`` in the environment), a command
+calls :func:`setup`, which joins the default ``torch.distributed`` process group (NCCL when
+the device is CUDA, gloo on CPU). From then on :func:`orgnn.pipeline.search_split` and
+:func:`orgnn.pipeline.reconstruct` give each rank its own share of the images
+(:func:`shard`) and all-gather the pieces, so every rank holds the whole result and rank 0
+writes it (:func:`is_main`). Every rank searches the same gallery (a memory-mapped file is
+one copy in the page cache, whatever the number of ranks).
+
+**Same files with one process or many.** Shares are whole *blocks* of a fixed size (the
+reconstruction batch), cut from the start of the split: rank ``r`` of ``W`` takes blocks
+``[r B / W, (r + 1) B / W)`` of ``B``. Each rank therefore runs exactly the batches a single
+process would run, with the same shapes, and the gathered arrays are bit-for-bit the
+single-process arrays (the OR-GNN's float32 kernels give a row the same bits in a batch of
+the same shape, but not always in a batch of another size: measured in
+``tests/test_distributed.py``). Search results are per image anyway (see
+:mod:`orgnn.search`).
+
+Without ``WORLD_SIZE > 1`` nothing is joined: :func:`world_size` is 1, :func:`shard` the
+whole range and :func:`all_gather_rows` the identity, so a single process runs the same code.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["Group", "setup", "world_size", "rank", "is_main", "shard", "all_gather_rows",
+           "map_rows", "barrier", "finish", "env_world"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process' place: ``rank`` of ``world_size``, and the torch device it computes on
+    (``None``: the CPU with faiss search)."""
+
+    rank: int
+    world_size: int
+    device: torch.device | None
+    backend: str | None = None
+
+
+def env_world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from ``torchrun``'s environment (0, 1, 0 without)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def setup(device: str | torch.device | None = None) -> Group:
+    """Join the process group when started by ``torchrun`` with several processes.
+
+    ``device`` ``"cuda"`` (or ``"auto"`` with a GPU present) becomes ``cuda:LOCAL_RANK`` and
+    selects NCCL; anything else keeps its device and uses gloo. Returns the :class:`Group`.
+    """
+    _, world, local = env_world()
+    dev = _device(device, local)
+    if world <= 1:
+        return Group(0, 1, dev)
+    backend = "nccl" if dev is not None and dev.type == "cuda" else "gloo"
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Group(dist.get_rank(), dist.get_world_size(), dev, dist.get_backend())
+
+
+def _device(device: str | torch.device | None, local_rank: int) -> torch.device | None:
+    if device is None:
+        return None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def world_size() -> int:
+    """Processes in the default group (1 when none is initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process' rank in the default group (0 when none is initialised)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main(group: Group | None = None) -> bool:
+    """Whether this process writes outputs and prints results (rank 0 of ``group``, or of
+    the default process group)."""
+    return (group.rank if group is not None else rank()) == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def finish() -> None:
+    """Wait for every rank, then leave the process group (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard(n: int, block: int = 1, rank_: int | None = None,
+          world: int | None = None) -> slice:
+    """This rank's rows of ``n``: a contiguous run of whole ``block``-row blocks from the
+    start (the last block may be short), the blocks split as evenly as possible."""
+    if n < 0 or block < 1:
+        raise ValueError(f"need n >= 0 and block >= 1, got n={n}, block={block}")
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} is not in a world of {w}")
+    blocks = -(-n // block)
+    lo, hi = r * blocks // w, (r + 1) * blocks // w
+    return slice(min(lo * block, n), min(hi * block, n))
+
+
+def all_gather_rows(local: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """Concatenate every rank's rows in rank order, on every rank. ``local`` is one array or
+    a sequence of arrays (gathered alike, returned as a list)."""
+    single = isinstance(local, np.ndarray)
+    arrays = [local] if single else list(local)
+    if world_size() == 1:
+        return arrays[0] if single else arrays
+    pieces: list[list[np.ndarray] | None] = [None] * world_size()
+    dist.all_gather_object(pieces, arrays)
+    out = [np.concatenate([p[i] for p in pieces]) for i in range(len(arrays))]
+    return out[0] if single else out
+
+
+def map_rows(fn: Callable[[slice], np.ndarray | Sequence[np.ndarray]], n: int,
+             block: int = 1) -> np.ndarray | list[np.ndarray]:
+    """``fn(rows)`` on this rank's :func:`shard` of ``n`` rows, all-gathered; in a single
+    process simply ``fn(slice(0, n))``."""
+    if world_size() == 1:
+        return fn(slice(0, n))
+    return all_gather_rows(fn(shard(n, block)))
