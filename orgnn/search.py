@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -82,6 +83,12 @@ DEFAULT_REFINE = 4
 CANDIDATE_MARGIN = 2
 #: Training points per IVF list (faiss k-means samples at most 256 per list anyway).
 TRAIN_POINTS_PER_LIST = 64
+#: Training points of the product quantiser at least (64 per code of 8 bits).
+PQ_TRAIN_POINTS = 64 * 256
+#: Training sets up to this many floats are trained on one thread: k-means on them is
+#: thousands of tiny parallel loops, whose thread hand-offs cost more than the work (and
+#: far more on a loaded machine).
+SMALL_TRAIN_FLOATS = 1 << 24
 #: From this many IVF lists on, the coarse quantiser is an HNSW graph over the centroids.
 HNSW_QUANTIZER_LISTS = 2048
 #: Bytes of float32 candidate features gathered per exact re-scoring step.
@@ -413,8 +420,8 @@ def _faiss_index(gallery: np.ndarray, part: int | None, spec: _IndexSpec) -> fai
     if spec.kind == "flat":
         idx = faiss.IndexFlatIP(dim)
     else:
-        n_train = min(ng, max(TRAIN_POINTS_PER_LIST * spec.nlist, 2 ** 16 if
-                              spec.kind == "ivfpq" else 0))
+        n_train = min(ng, max(TRAIN_POINTS_PER_LIST * spec.nlist,
+                              PQ_TRAIN_POINTS if spec.kind == "ivfpq" else 0))
         pick = np.sort(np.random.default_rng(1234).choice(ng, n_train, replace=False))
         train = np.concatenate([_gallery_vectors(np.asarray(gallery[pick[s:s + rows]]), part)
                                 for s in range(0, n_train, rows)])
@@ -436,7 +443,8 @@ def _faiss_index(gallery: np.ndarray, part: int | None, spec: _IndexSpec) -> fai
                 ivfpq, opq = idx, faiss.OPQMatrix(dim, pq_m)
                 idx = faiss.IndexPreTransform(opq, ivfpq)
                 idx.referenced_objects = [opq, ivfpq]  # keep both alive with the wrapper
-        idx.train(train)
+        with _faiss_threads(1 if train.size <= SMALL_TRAIN_FLOATS else None):
+            idx.train(train)
         del train
     for _, chunk in iter_rows(gallery, rows):
         idx.add(_gallery_vectors(chunk, part))
@@ -470,6 +478,20 @@ def _set_nprobe(idx: faiss.Index, nprobe: int) -> None:
     quantizer = faiss.downcast_index(ivf.quantizer)
     if isinstance(quantizer, faiss.IndexHNSW):  # the graph must find nprobe lists
         quantizer.hnsw.efSearch = max(128, 2 * nprobe)
+
+
+@contextmanager
+def _faiss_threads(threads: int | None) -> Iterator[None]:
+    """faiss' OpenMP thread count for a block (``None``: unchanged)."""
+    if threads is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _faiss_gpus() -> int:

@@ -12,6 +12,8 @@ than the memory of most machines. Three helpers keep such arrays on disk:
   memory-mapped it hands each chunk's pages back to the page cache after use
   (``madvise(MADV_DONTNEED)``), so one pass over a 31 GB file keeps only one chunk resident in
   the process.
+* :func:`load_part_features_mapped` reads a part-feature file (:mod:`orgnn.features`) with
+  its ``features`` mapped in place and checked chunk by chunk;
 * :func:`open_npy` creates a ``.npy`` file of a given shape and maps it writable, for
   generating or writing large arrays chunk by chunk.
 
@@ -28,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["map_npz_member", "iter_rows", "release_rows", "open_npy", "is_mapped"]
+__all__ = ["map_npz_member", "load_part_features_mapped", "iter_rows", "release_rows",
+           "open_npy", "is_mapped"]
 
 #: Rows per chunk of :func:`iter_rows` when not given: about 64 MiB of float32 per chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -126,3 +129,62 @@ def iter_rows(x: np.ndarray, rows: int | None = None,
         chunk = np.array(x[start:stop], dtype=dtype)
         release_rows(x, start, stop)
         yield start, chunk
+
+
+def load_part_features_mapped(path: str | os.PathLike):
+    """:func:`orgnn.features.load_part_features` with ``features`` (and ``clean_features``)
+    memory-mapped from the archive instead of read: the same checks (SPEC §7), the
+    finiteness one row chunk at a time, so a 30 GB gallery file costs a few MiB of memory.
+    The small arrays (visibility, labels, paths) are read as usual."""
+    from orgnn import features as F
+
+    path = F._resolve_load_path(path)
+    source = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = set(archive.files)
+            small = {key: archive[key] for key in ("visibility", "pids", "camids", "paths")
+                     if key in names}
+        mapped = {key: map_npz_member(path, key) for key in ("features", "clean_features")
+                  if key in names}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise F.PartFeatureError(source, "<file>", f"cannot be mapped: {err}") from None
+    for key in ("features", "visibility", "pids", "camids"):
+        if key not in {**small, **mapped}:
+            raise F.PartFeatureError(source, key, "missing key (required: features, "
+                                                  "visibility, pids, camids)")
+    for key, arr in mapped.items():
+        F._as_rank(arr, "(N, M, D)", key, source)
+        if arr.dtype not in (np.float32, np.float16):
+            raise F.PartFeatureError(source, key, f"wrong dtype {arr.dtype}: expected "
+                                                  f"float32 or float16")
+        rows = chunk_rows(arr)
+        for start in range(0, arr.shape[0], rows):
+            bad = ~np.isfinite(arr[start:start + rows])
+            release_rows(arr, start, start + rows)
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise F.PartFeatureError(source, key, f"non-finite values (NaN/inf), first "
+                                                      f"at index {(first[0] + start,) + first[1:]}")
+    # the small arrays (and the shapes) through the ordinary checks, on one row of features
+    probe = F._normalise({**small, "features": np.asarray(mapped["features"][:1]),
+                          **{k: v[:1] for k, v in small.items()}}, source)
+    n = mapped["features"].shape[0]
+    for key, arr in {**small, **mapped}.items():
+        if arr.shape[0] != n:
+            raise F.PartFeatureError(source, key, f"N mismatch: {arr.shape[0]} rows but "
+                                                  f"'features' has {n}")
+    full = {k: F._check_labels(v, k, source) if k in ("pids", "camids") else v
+            for k, v in small.items()}
+    full["visibility"] = F._check_visibility(full["visibility"], "visibility", source)
+    if "paths" in full:
+        full["paths"] = F._check_paths(full["paths"], "paths", source)
+    clean = mapped.get("clean_features")
+    if clean is not None and clean.shape != mapped["features"].shape:
+        raise F.PartFeatureError(source, "clean_features", f"shape mismatch: {clean.shape} "
+                                                           f"but 'features' has "
+                                                           f"{mapped['features'].shape}")
+    if full["visibility"].shape[1] != probe.num_parts:
+        raise F.PartFeatureError(source, "visibility", "M mismatch with 'features'")
+    return F.PartFeatures(features=mapped["features"], clean_features=mapped.get(
+        "clean_features"), **full)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from orgnn.features import PartFeatureError, PartFeatures, load_part_features, save_part_features
 from orgnn.search import Neighbourhoods, search_neighbourhoods
-from orgnn.storage import iter_rows, map_npz_member
+from orgnn.storage import iter_rows, load_part_features_mapped, map_npz_member
 
 M, D = 6, 16
 
@@ -168,3 +169,24 @@ def test_device_errors(world):
     for name in ("refine", "pq_m", "gallery_chunk"):
         with pytest.raises(ValueError, match=f"{name} must be None or an integer"):
             search_neighbourhoods(query, visible, gallery, **{name: 0})
+
+
+def test_load_part_features_mapped(tmp_path):
+    rng = np.random.default_rng(0)
+    pf = PartFeatures(rng.random((50, M, D)).astype(np.float16),
+                      rng.random((50, M)).astype(np.float32), np.arange(50) % 7,
+                      np.arange(50) % 3, np.array([f"img{i}.jpg" for i in range(50)]))
+    save_part_features(tmp_path / "g.npz", pf)
+    mapped = load_part_features_mapped(tmp_path / "g.npz")
+    plain = load_part_features(tmp_path / "g.npz")
+    assert isinstance(mapped.features, np.memmap)
+    for key in ("features", "visibility", "pids", "camids", "paths"):
+        np.testing.assert_array_equal(getattr(mapped, key), getattr(plain, key))
+    bad = pf.features.copy()
+    bad[31, 2, 5] = np.nan
+    np.savez(tmp_path / "bad.npz", **{**pf.as_dict(), "features": bad})
+    with pytest.raises(PartFeatureError, match=r"non-finite values .* \(31, 2, 5\)"):
+        load_part_features_mapped(tmp_path / "bad.npz")
+    np.savez(tmp_path / "short.npz", **{**pf.as_dict(), "pids": np.arange(49)})
+    with pytest.raises(PartFeatureError, match="N mismatch"):
+        load_part_features_mapped(tmp_path / "short.npz")
