@@ -461,43 +461,146 @@ def csr_spmm(adj: Tensor, x: Tensor) -> Tensor:
     return torch.sparse.mm(adj, x)
 
 
+class CSRPattern:
+    r"""A fixed sparsity pattern in CSR form (rows are receivers, senders ascending within a
+    row) and the two products the CSR rendering needs, differentiable in their dense
+    arguments and edge values: :meth:`spmm` (``A(values) @ x``) and :meth:`sddmm` (per-edge
+    dot products :math:`\langle \mathbf{a}_i, \mathbf{b}_j\rangle`). Their backward passes
+    are the same two products, one of them on the transposed pattern (built on first use),
+    so no dense ``rows x cols`` tensor appears (torch's own CSR backward forms one).
+
+    Args:
+        crow: ``(rows + 1,)`` row pointers.
+        col: ``(|E|,)`` column (sender) of each entry.
+        num_cols: number of columns.
+        row: ``(|E|,)`` row of each entry, if known.
+    """
+
+    def __init__(self, crow: Tensor, col: Tensor, num_cols: int,
+                 row: Tensor | None = None) -> None:
+        self.crow, self.col = crow, col
+        self.num_rows, self.num_cols = crow.numel() - 1, num_cols
+        self._row = row
+        self._transposed: tuple[CSRPattern, Tensor | None] | None = None
+
+    @property
+    def row(self) -> Tensor:
+        if self._row is None:
+            self._row = torch.repeat_interleave(
+                torch.arange(self.num_rows, device=self.crow.device), self.crow.diff(),
+                output_size=self.col.numel())
+        return self._row
+
+    def matrix(self, values: Tensor) -> Tensor:
+        """The sparse CSR matrix with ``values`` (in this pattern's order)."""
+        return torch.sparse_csr_tensor(self.crow, self.col, values,
+                                       size=(self.num_rows, self.num_cols),
+                                       check_invariants=False)
+
+    def transposed(self) -> tuple[CSRPattern, Tensor | None]:
+        """The transposed pattern and the permutation taking this pattern's entry order to
+        its order (:obj:`None`: the same order)."""
+        if self._transposed is None:
+            row, col = self.row, self.col
+            key = col * self.num_rows + row
+            perm = None
+            if key.numel() > 1 and not bool((key[1:] >= key[:-1]).all()):
+                perm = torch.sort(key, stable=True)[1]
+                row, col = row.index_select(0, perm), col.index_select(0, perm)
+            crow = torch.zeros(self.num_cols + 1, dtype=col.dtype, device=col.device)
+            torch.cumsum(torch.bincount(col, minlength=self.num_cols), 0, out=crow[1:])
+            self._transposed = (CSRPattern(crow, row, self.num_rows, row=col), perm)
+        return self._transposed
+
+    def spmm(self, values: Tensor, x: Tensor) -> Tensor:
+        """``A(values) @ x``: ``(rows, F)``."""
+        return _CSRSpMM.apply(values, x, self)
+
+    def sddmm(self, a: Tensor, b: Tensor) -> Tensor:
+        r"""``(|E|,)`` dot products :math:`\langle \mathbf{a}_{row}, \mathbf{b}_{col}\rangle`
+        for ``a`` ``(rows, F)`` and ``b`` ``(cols, F)``."""
+        return _CSRSDDMM.apply(a, b, self)
+
+    # the products without autograd
+    def _spmm(self, values: Tensor, x: Tensor) -> Tensor:
+        return csr_spmm(self.matrix(values), x)
+
+    def _sddmm(self, a: Tensor, b: Tensor) -> Tensor:
+        mask = self.matrix(a.new_zeros(self.col.shape))
+        return torch.sparse.sampled_addmm(mask, a, b.t(), beta=0.0).values()
+
+    def _spmm_t(self, values: Tensor, x: Tensor) -> Tensor:
+        pattern_t, perm = self.transposed()
+        return pattern_t._spmm(values if perm is None else values.index_select(0, perm), x)
+
+
+class _CSRSpMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: Tensor, x: Tensor, pattern: CSRPattern) -> Tensor:
+        ctx.save_for_backward(values, x)
+        ctx.pattern = pattern
+        return pattern._spmm(values, x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        values, x = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_out = grad_out.contiguous()
+        grad_values = pattern._sddmm(grad_out, x) if ctx.needs_input_grad[0] else None
+        grad_x = pattern._spmm_t(values, grad_out) if ctx.needs_input_grad[1] else None
+        return grad_values, grad_x, None
+
+
+class _CSRSDDMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, pattern: CSRPattern) -> Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.pattern = pattern
+        return pattern._sddmm(a, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_values: Tensor):
+        a, b = ctx.saved_tensors
+        pattern = ctx.pattern
+        grad_values = grad_values.contiguous()
+        grad_a = pattern._spmm(grad_values, b) if ctx.needs_input_grad[0] else None
+        grad_b = pattern._spmm_t(grad_values, a) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None
+
+
 def csr_orgnn_weights(
     x_src: Tensor,
     x_dst: Tensor,
-    crow: Tensor,
-    col: Tensor,
-    row: Tensor,
+    pattern: CSRPattern,
     att_weight: Tensor,
     att_bias: Tensor,
     outlier_aware: bool = True,
     bipartite: bool = False,
 ) -> Tensor:
-    r""":func:`sparse_orgnn_weights` on a CSR adjacency (rows are receivers), without any
+    r""":func:`sparse_orgnn_weights` on a CSR pattern (rows are receivers), without any
     ``(|E|, F)`` tensor: :math:`\mathbf{S}` is one sparse-dense product, the per-edge dot
     products :math:`\langle \mathbf{S}_i, \mathbf{x}_j\rangle` and :math:`\langle V \circ
-    \mathbf{x}_i, \mathbf{x}_j\rangle` are sampled dense-dense products
-    (:func:`torch.sparse.sampled_addmm`), everything else is per node or per edge scalar.
+    \mathbf{x}_i, \mathbf{x}_j\rangle` are sampled dense-dense products (both
+    differentiable, see :class:`CSRPattern`), everything else is per node or per edge scalar.
 
     Args:
         x_src, x_dst, att_weight, att_bias, outlier_aware, bipartite: as in
             :func:`sparse_orgnn_weights`.
-        crow: ``(N_dst + 1,)`` CSR row pointers.
-        col: ``(|E|,)`` sender of each edge, in CSR order.
-        row: ``(|E|,)`` receiver of each edge, in CSR order.
+        pattern: the edges as a :class:`CSRPattern` (``N_dst`` rows, ``N_src`` columns).
 
     Returns:
-        ``(|E|,)`` edge weights in CSR order.
+        ``(|E|,)`` edge weights in the pattern's order.
     """
-    num_dst, num_src = x_dst.size(0), x_src.size(0)
+    num_dst = x_dst.size(0)
+    col, row = pattern.col, pattern.row
     vx_dst = x_dst * att_weight
     s_src = _vecdot(x_src * att_weight, x_src) if bipartite else _vecdot(vx_dst, x_dst)
     s_dst = _vecdot(vx_dst, x_dst)
-    pattern = torch.sparse_csr_tensor(crow, col, x_src.new_zeros(col.shape),
-                                      size=(num_dst, num_src), check_invariants=False)
-    x_src_t = x_src.t()
-    cross = torch.sparse.sampled_addmm(pattern, vx_dst, x_src_t, beta=0.0).values()
+    cross = pattern.sddmm(vx_dst, x_src)
     if outlier_aware:
-        degree = (crow[1:] - crow[:-1]).to(x_src.dtype)
+        degree = pattern.crow.diff().to(x_src.dtype)
         if bipartite:
             others = degree
             values = x_src.new_ones(col.shape)
@@ -505,11 +608,9 @@ def csr_orgnn_weights(
             is_self = (col == row).to(x_src.dtype)
             others = degree - scatter(is_self, row, dim=0, dim_size=num_dst, reduce="sum")
             values = 1 - is_self
-        adj = torch.sparse_csr_tensor(crow, col, values, size=(num_dst, num_src),
-                                      check_invariants=False)
         # Self-loops left out of the sum and x_i added once: S_i = x_i + sum_{l != i} x_l.
-        s_sum = torch.addmm(x_dst, adj, x_src)
-        dot_sum = torch.sparse.sampled_addmm(pattern, s_sum, x_src_t, beta=0.0).values()
+        s_sum = pattern.spmm(values, x_src) + x_dst
+        dot_sum = pattern.sddmm(s_sum, x_src)
         confidence = edge_confidence(dot_sum, _vecdot(x_src, x_src).index_select(0, col),
                                      _vecdot(s_sum, s_sum).index_select(0, row),
                                      others.index_select(0, row) > 0)

@@ -17,7 +17,7 @@ from torch_geometric.utils.sparse import (
 )
 
 from orgnn.nn import _checks
-from orgnn.nn.functional import csr_orgnn_weights, csr_spmm, sparse_orgnn_weights
+from orgnn.nn.functional import CSRPattern, csr_orgnn_weights, sparse_orgnn_weights
 
 # Dtypes for which torch offers the sparse-dense products of the CSR rendering on CPU.
 _CSR_DTYPES = (torch.float32, torch.float64)
@@ -59,12 +59,12 @@ class ORGNNConv(MessagePassing):
     denominator falls back to the plain mean; a node that receives no message outputs
     :math:`\phi(\mathbf{W}\mathbf{0} + \text{bias})`.
 
-    Without autograd (inference) the weights are computed without any
-    :math:`|\mathcal{E}| \times F` tensor (sampled dense-dense products on a CSR adjacency)
-    and the messages aggregated by one sparse-dense product through
-    :meth:`message_and_aggregate`. When a gradient must flow through the weights, or the
-    messages must be visible (an explainer's edge mask, message hooks), under
-    ``torch.compile``, on the ``meta`` device or for dtypes other than float32/float64,
+    The weights are computed without any :math:`|\mathcal{E}| \times F` tensor (sampled
+    dense-dense products on a CSR adjacency, differentiable through the same products) and
+    the messages aggregated by one sparse-dense product through
+    :meth:`message_and_aggregate`. When the messages must be visible (an explainer's edge
+    mask, message hooks), under ``torch.compile``, on the ``meta`` device or for dtypes
+    other than float32/float64,
     they are gathered per edge and go through :meth:`message`, where the normalised weight
     :math:`c_{ij} a_{ij} / \sum_j c_{ij} a_{ij}` multiplies each one (so PyG's
     explainability edge masks apply to it). Both renderings compute the same function.
@@ -127,6 +127,7 @@ class ORGNNConv(MessagePassing):
                           bias_initializer="zeros")
         self.att = Linear(in_channels, 1, bias=True, weight_initializer="glorot",
                           bias_initializer="zeros")
+        self._pattern: CSRPattern | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -179,13 +180,19 @@ class ORGNNConv(MessagePassing):
         graph = _Graph.from_input(edge_index, num_src, num_dst, self.add_self_loops, name,
                                   bipartite)
         att_weight, att_bias = self.att.weight.view(-1), self.att.bias
-        if self._use_csr(x_src, x_dst):
+        if self._use_csr(x_src):
             crow, col, row, perm = graph.csr()
-            alpha_csr = csr_orgnn_weights(x_src, x_dst, crow, col, row, att_weight, att_bias,
+            pattern = CSRPattern(crow, col, num_src, row=row)
+            alpha_csr = csr_orgnn_weights(x_src, x_dst, pattern, att_weight, att_bias,
                                           self.outlier_aware, bipartite)
-            adj_t = torch.sparse_csr_tensor(crow, col, alpha_csr, size=(num_dst, num_src),
-                                            check_invariants=False)
-            out = self.propagate(adj_t, source=x_src, alpha=alpha_csr)
+            # PyG dispatches a sparse adjacency to message_and_aggregate, which multiplies by
+            # the weights through ``pattern`` (its transpose is shared with Eq. 4/6's backward).
+            self._pattern = pattern
+            try:
+                out = self.propagate(pattern.matrix(alpha_csr.detach()), source=x_src,
+                                     alpha=alpha_csr)
+            finally:
+                self._pattern = None
             alpha = None
             if return_attention_weights:
                 alpha = alpha_csr if perm is None else alpha_csr.new_empty(
@@ -221,27 +228,24 @@ class ORGNNConv(MessagePassing):
                              "compares each receiver with its senders), got None")
         return x_src, x_dst, x_dst is not x_src
 
-    def _use_csr(self, x_src: Tensor, x_dst: Tensor) -> bool:
-        """The CSR rendering, unless messages must go through :meth:`message` or a gradient
-        must flow through the edge weights (torch's CSR backward forms dense
-        ``|V_t| x |V_s|`` products: 60 s for the benchmark's 45,056 nodes against 5.6 s for
-        ``GATConv``)."""
-        grad = torch.is_grad_enabled() and (x_src.requires_grad or x_dst.requires_grad
-                                            or self.att.weight.requires_grad
-                                            or self.att.bias.requires_grad)
-        return not (grad or self.explain or torch.compiler.is_compiling()
-                    or torch.jit.is_scripting() or x_src.dtype not in _CSR_DTYPES
-                    or x_src.layout != torch.strided or not _checks.has_values(x_src)
-                    or self._message_forward_pre_hooks or self._message_forward_hooks)
+    def _use_csr(self, x: Tensor) -> bool:
+        """The CSR rendering, unless messages must go through :meth:`message`."""
+        return not (self.explain or torch.compiler.is_compiling() or torch.jit.is_scripting()
+                    or x.dtype not in _CSR_DTYPES or x.layout != torch.strided
+                    or not _checks.has_values(x) or self._message_forward_pre_hooks
+                    or self._message_forward_hooks)
 
     def message(self, source: Tensor, alpha: Tensor) -> Tensor:
         # ``source`` is x_j, gathered once in forward (shared with Eq. 4 and 6), edge-level.
         return alpha.unsqueeze(-1) * source
 
-    def message_and_aggregate(self, adj_t: Tensor, source: Tensor) -> Tensor:
-        # ``adj_t`` holds the normalised weights and ``source`` the senders' node features:
-        # Eq. 5's sum is one sparse-dense product.
-        return csr_spmm(adj_t, source)
+    def message_and_aggregate(self, adj_t: Tensor, source: Tensor, alpha: Tensor) -> Tensor:
+        # ``source`` holds the senders' node features and ``alpha`` the normalised weights in
+        # ``adj_t``'s CSR order: Eq. 5's sum is one sparse-dense product.
+        pattern = self._pattern
+        if pattern is None:
+            pattern = CSRPattern(adj_t.crow_indices(), adj_t.col_indices(), adj_t.size(1))
+        return pattern.spmm(alpha, source)
 
     def __repr__(self) -> str:
         extra = "" if self.outlier_aware else ", outlier_aware=False"

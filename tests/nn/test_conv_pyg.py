@@ -16,7 +16,7 @@ from torch_geometric.utils import (
 )
 
 from orgnn import ORGNN, DenseORGNNConv, ORGNNConv
-from orgnn.nn.functional import sparse_confidence, sparse_edge_confidence
+from orgnn.nn.functional import CSRPattern, sparse_confidence, sparse_edge_confidence
 from tests.nn.loop_reference import (
     complete_edge_index,
     edge_confidence_loop,
@@ -279,13 +279,33 @@ def test_gradients_equal_the_reference(bipartite):
     ref = orgnn_general_loop(x_src, x_dst, _edges(ei), *_params(ref_conv), bipartite=bipartite)
     weights = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).view_as(ref)
     ref_grads = torch.autograd.grad((ref * weights).sum(), [*inputs, *_params(ref_conv)])
-    conv = _conv(dtype=torch.float64, f_in=5, f_out=3)
-    out = conv(x, ei)
-    grads = torch.autograd.grad((out * weights).sum(), [*inputs, *_params(conv)])
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
+    for conv in (_conv(dtype=torch.float64, f_in=5, f_out=3),
+                 _gather_rendering(_conv(dtype=torch.float64, f_in=5, f_out=3))):
+        out = conv(x, ei)
+        grads = torch.autograd.grad((out * weights).sum(), [*inputs, *_params(conv)])
+        for got, want in zip(grads, ref_grads):
+            torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-7)
     assert torch.autograd.gradcheck(lambda *xs: ref_conv(tuple(xs) if bipartite else xs[0], ei),
                                     tuple(inputs))
+
+
+def test_csr_products_gradcheck():
+    # 4 receivers (one without entries) x 3 senders, senders ascending within each row
+    crow, col = torch.tensor([0, 2, 3, 3, 6]), torch.tensor([0, 2, 1, 0, 1, 2])
+    pattern = CSRPattern(crow, col, 3)
+    values = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(3, 5, dtype=torch.float64, requires_grad=True)
+    a = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
+    dense = torch.zeros(4, 3, dtype=torch.float64)
+    dense[pattern.row, col] = 1
+    torch.testing.assert_close(pattern.spmm(values.detach(), x.detach()),
+                               (dense.index_put((pattern.row, col), values.detach()))
+                               @ x.detach())
+    torch.testing.assert_close(pattern.sddmm(a.detach(), x.detach()),
+                               (a.detach() @ x.detach().t())[pattern.row, col])
+    assert torch.autograd.gradcheck(pattern.spmm, (values, x))
+    assert torch.autograd.gradcheck(pattern.sddmm, (a, x))
+    assert torch.autograd.gradcheck(lambda a_: pattern.sddmm(a_, a_[:3]), (a,))
 
 
 def test_bipartite_input_errors():
