@@ -342,10 +342,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from orgnn import distributed
+    from orgnn import distributed, pipeline
     from orgnn.features import PartFeatures, load_split_dir, save_split_dir
     from orgnn.io_atomic import pause_for_tests, replace_dir
-    from orgnn.pipeline import reconstruct, search_split
     from orgnn.training import SearchConfig, load_checkpoint
 
     if Path(args.out).resolve() == Path(args.data).resolve():
@@ -367,11 +366,18 @@ def _reconstruct(args: argparse.Namespace) -> int:
     batch = graph_batch_size(cfg.k, gallery.num_parts, gallery.dim,
                              getattr(model, "hidden_channels", None))
     out = {}
+    split_reconstruction = getattr(pipeline, "reconstruct_split", None)
     for name, target in splits.items():
-        nbrs = search_split(target, gallery, cfg, same_split=name == "gallery")
-        feats = reconstruct(model, target.features, gallery.features, nbrs, batch_size=batch,
-                            device=group.device or "cpu", progress=not args.quiet and main,
-                            target_visibility=target.visibility)
+        if split_reconstruction is not None:  # search, the model's own weighting, rebuild
+            feats, nbrs = split_reconstruction(
+                model, target, gallery, cfg, same_split=name == "gallery", batch_size=batch,
+                device=group.device or "cpu", progress=not args.quiet and main)
+        else:
+            nbrs = pipeline.search_split(target, gallery, cfg, same_split=name == "gallery")
+            feats = pipeline.reconstruct(model, target.features, gallery.features, nbrs,
+                                         batch_size=batch, device=group.device or "cpu",
+                                         progress=not args.quiet and main,
+                                         target_visibility=target.visibility)
         out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32), target.pids,
                                  target.camids, target.paths)
         if main:

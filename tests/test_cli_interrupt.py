@@ -92,9 +92,9 @@ def test_reconstruct_interrupted_anywhere_leaves_old_or_new_set(world):
            "--checkpoint", str(world["ckpt"]), "--out", str(out), "--k", "6", "--quiet"]
     # Write phase after the marker: query.npz, PAUSE, gallery.npz, PAUSE ("built"), the
     # swap (signals held), PAUSE, then the final lines and the exit.
-    delays = np.random.default_rng(13).uniform(0, 4 * PAUSE, size=8)
+    delays = np.linspace(0.02, 1.0, 8) * 4 * PAUSE  # spread evenly over the write phase
     seen = []
-    for delay in sorted(delays):
+    for delay in delays:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(base / "old", out)
         code, stdout, err = _interrupt(cmd, "gallery:", float(delay))
