@@ -280,15 +280,15 @@ class _Graph:
                                  f"{tuple(edge_index.shape)}, but x has {num_dst} target and "
                                  f"{num_src} source nodes (expected ({num_dst}, {num_src}))")
             if edge_index.layout == torch.sparse_csr:
-                crow = edge_index.crow_indices()
+                crow = edge_index.crow_indices().long()
                 dst = torch.repeat_interleave(torch.arange(num_dst, device=crow.device),
                                               crow[1:] - crow[:-1],
                                               output_size=edge_index._nnz())
-                graph = cls(edge_index.col_indices(), dst, num_src, num_dst, edge_index,
-                            "sparse", crow=crow)
+                graph = cls(edge_index.col_indices().long(), dst, num_src, num_dst,
+                            edge_index, "sparse", crow=crow)
             else:
                 (dst, src), _ = to_edge_index(edge_index)
-                graph = cls(src, dst, num_src, num_dst, edge_index, "sparse")
+                graph = cls(src.long(), dst.long(), num_src, num_dst, edge_index, "sparse")
         else:
             if _checks.checks_enabled():
                 _checks.check_edge_index(edge_index, (num_src, num_dst) if bipartite
@@ -296,6 +296,7 @@ class _Graph:
             original = edge_index
             if isinstance(edge_index, EdgeIndex):
                 edge_index = edge_index.as_tensor()
+            edge_index = edge_index.long()   # int32 indices too (CSR keys need the range)
             graph = cls(edge_index[0], edge_index[1], num_src, num_dst, original, "edge_index")
         if add_self_loops:
             graph._replace_self_loops()

@@ -97,6 +97,7 @@ def test_every_input_form_gives_the_same_output():
     for layout in LAYOUTS:
         torch.testing.assert_close(conv(x, _adj_t(edge_index, (4, 4), layout)), out,
                                    atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(conv(x, edge_index.int()), out)              # int32 indices
     for order in (None, "row", "col"):
         ei = EdgeIndex(edge_index, sparse_size=(4, 4))
         if order is not None:
