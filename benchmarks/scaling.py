@@ -1,33 +1,44 @@
-"""How search and reconstruction cost grow with the gallery: 10^3 to 10^6 images.
+"""How search and reconstruction cost grow with the gallery: 10^3 to 10^7 images.
 
-A synthetic gallery of ``G`` images (6 parts x 256-d, stored as float16: half the memory of
-float32, and the search normalises to float32 anyway) is generated in chunks; ``--queries``
-occluded query images of gallery identities search it with
-:func:`orgnn.search.search_neighbourhoods` (visible-mean mode, K=10, theta=0.7), exactly
-(``index="flat"``) and with IVF (``index="ivf"``, ``nlist = --nlist-factor * sqrt(G)``,
-``nprobe``), and are then reconstructed by an untrained identity-initialised
-:class:`orgnn.ORGNN` streaming ``--batch-size`` graphs at a time
-(:func:`orgnn.pipeline.reconstruct`), so memory stays bounded by the index, not by
-``Q x K x M x F`` intermediates.
+A synthetic gallery of ``G`` images (6 parts x 256-d float16) is generated chunk by chunk
+into a ``.npy`` file (``--workdir``, reused by later runs) and memory-mapped read-only, so the
+process never holds it: 10^7 images are 29 GiB on disk. ``--queries`` occluded query images
+of gallery identities then search it with :func:`orgnn.search.search_neighbourhoods`
+(visible-mean mode, K=10, theta=0.7):
 
-Per size and stage the script records the time and the peak memory growth (see
-``benchmarks/_common.py``). The search time is split into the index build (checking and
-normalising the gallery and building the faiss index, timed by wrapping ``orgnn.search``'s
-own helpers while the real call runs) and the queries (the rest); "per image" is the query
-part divided by the number of queries. IVF recall is the fraction of the exact search's
-neighbours (after the threshold) that IVF also returns, averaged over queries that have any.
+* ``exact``: the torch search on the CPU (``device="cpu"``): exact, the gallery streamed in
+  256 MiB chunks; the reference of every recall figure;
+* ``flat`` / ``ivf``: faiss ``IndexFlatIP`` / ``IndexIVFFlat`` (float32 copies of the
+  gallery: run only up to ``--full-index-max`` images);
+* ``ivfpq``: faiss ``IndexIVFPQFastScan`` (96 4-bit codes, 48 bytes per image) whose candidates
+  (``refine`` x K) are re-ranked exactly from the float16 file; built once, then queried at
+  each ``--nprobes`` value (time per query and recall@K against ``exact``).
+
+The queries are then reconstructed by an untrained identity-initialised :class:`orgnn.ORGNN`
+from their ``ivfpq`` neighbourhoods, gathering neighbour rows from the mapped file
+(:func:`orgnn.pipeline.reconstruct`). Per stage the script records the time, the growth of
+the resident set and its absolute high-water mark (``VmHWM`` after a reset; it counts mapped
+file pages the process touches, see ``benchmarks/_common.py``).
+
+Two more measurements: ``--duke`` times the exact torch search (CPU) against faiss
+``IndexFlatIP`` on the Occluded-Duke-sized synthetic world (query and gallery searches, as
+:func:`orgnn.pipeline.search_split` runs them), interleaved, and checks they return the same
+neighbours; ``--torchrun`` runs ``orgnn reconstruct`` on that world in one process and under
+``torchrun --nproc-per-node 2`` (gloo), times both and compares the output files byte for byte.
 
 Usage::
 
     python benchmarks/scaling.py                          # 10^3 .. 10^6
-    python benchmarks/scaling.py --sizes 1000 10000 100000
+    python benchmarks/scaling.py --sizes 10000000 --append --recall-queries 200
+    python benchmarks/scaling.py --duke --torchrun --sizes   # only the two extra rows
     python benchmarks/scaling.py --quick                  # 10^3 .. 10^4, < 1 minute
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -42,87 +53,101 @@ import numpy as np
 from benchmarks import _common
 
 PARTS, DIM = 6, 256
+IMAGES_PER_ID = 10
+ID_BLOCK = 64
+PATTERNS = np.array([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 1, 1], [0, 1, 1, 1, 1, 1],
+                     [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1], [1, 0, 0, 0, 1, 1]],
+                    dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------
-# Data
+# Data: generated in chunks, identities' prototypes from a counter-based seed
 # --------------------------------------------------------------------------------------
-def make_world(size: int, num_queries: int, seed: int = 0, images_per_id: int = 10,
-               chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(gallery (G, 6, 256) float16, query (Q, 6, 256) float16, query_visible (Q, 6))``.
+def _generator(*key: int):
+    import torch
 
-    Features are ``relu(shared + identity prototype + noise)``: non-negative like CNN part
-    features, cosine about 0.85-0.9 within an identity and 0.6-0.7 across. Queries are new
-    images of gallery identities with one of the usual occlusion patterns (lower or upper
-    stripes, or a side half, hidden: their visibility is 0 and the feature is noise there).
-    """
-    rng = np.random.default_rng(seed)
-    num_ids = max(1, size // images_per_id)
-    shared = rng.random((PARTS, DIM), dtype=np.float32) * 1.5
-    protos = rng.standard_normal((num_ids, PARTS, DIM), dtype=np.float32) * 0.7
+    seed = 0
+    for part in key:  # a stable mix of the key into one 63-bit seed
+        seed = (seed * 1_000_003 + part + 1) % (1 << 63)
+    return torch.Generator().manual_seed(seed)
 
-    def images(ids: np.ndarray) -> np.ndarray:
-        x = shared + protos[ids] + 0.35 * rng.standard_normal((len(ids), PARTS, DIM),
-                                                              dtype=np.float32)
-        return np.maximum(x, 0).astype(np.float16)
 
-    gallery = np.empty((size, PARTS, DIM), dtype=np.float16)
-    for start in range(0, size, chunk):
-        stop = min(start + chunk, size)
-        gallery[start:stop] = images(np.arange(start, stop) % num_ids)
+def _shared(seed: int):
+    import torch
+
+    return torch.rand((PARTS, DIM), generator=_generator(seed, 1)) * 1.5
+
+
+def _protos(ids: np.ndarray, seed: int):
+    """Prototypes of identities ``ids``: block ``b`` of :data:`ID_BLOCK` identities comes
+    from its own seed, so any identity is generated without the others."""
+    import torch
+
+    out = torch.empty((len(ids), PARTS, DIM))
+    blocks = ids // ID_BLOCK
+    for b in np.unique(blocks):
+        table = torch.randn((ID_BLOCK, PARTS, DIM), generator=_generator(seed, 7, int(b))) * 0.7
+        sel = np.flatnonzero(blocks == b)
+        out[torch.from_numpy(sel)] = table[torch.from_numpy(ids[sel] % ID_BLOCK)]
+    return out
+
+
+def _images(ids: np.ndarray, seed: int, *key: int) -> np.ndarray:
+    """``relu(shared + prototype + 0.35 noise)`` as float16 (torch's generator: twice as fast
+    as numpy's here, which matters at 10^7 images)."""
+    import torch
+
+    x = _protos(ids, seed).add_(_shared(seed))
+    x.add_(torch.randn(x.shape, generator=_generator(seed, *key)), alpha=0.35)
+    return x.clamp_min_(0).half().numpy()
+
+
+def write_world(workdir: Path, size: int, num_queries: int, seed: int = 0,
+                chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(gallery memmap (G, 6, 256) float16, query (Q, 6, 256) float16, query_visible,
+    seconds spent generating)``. Features are ``relu(shared + identity prototype + noise)``
+    (mean cosine about 0.93 within an identity, 0.66 across); row ``j`` shows identity
+    ``j // 10``. Queries are new images of gallery identities with one of the usual
+    occlusion patterns (visibility 0 and noise on the hidden parts). The gallery file is
+    written with plain file writes (no mapping held) and reused when it exists."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"gallery_{size}_s{seed}.npy"
+    t0 = time.perf_counter()
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                "fortran_order": False, "shape": (size, PARTS, DIM)})
+            for c, start in enumerate(range(0, size, chunk)):
+                ids = np.arange(start, min(start + chunk, size)) // IMAGES_PER_ID
+                fh.write(_images(ids, seed, 11, c).tobytes())
+        os.replace(tmp, path)
+    gallery = np.load(path, mmap_mode="r")
+    rng = np.random.default_rng([seed, 13])
+    num_ids = max(1, -(-size // IMAGES_PER_ID))
     q_ids = rng.integers(0, num_ids, num_queries)
-    query = images(q_ids)
-    patterns = np.array([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 1, 1], [0, 1, 1, 1, 1, 1],
-                         [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1], [1, 0, 0, 0, 1, 1]],
-                        dtype=np.float32)
-    visible = patterns[rng.integers(0, len(patterns), num_queries)]
+    query = _images(q_ids, seed, 13)
+    visible = PATTERNS[rng.integers(0, len(PATTERNS), num_queries)]
     noise = np.abs(rng.standard_normal(query.shape, dtype=np.float32)).astype(np.float16)
     query = np.where(visible[:, :, None] > 0, query, noise)
-    return gallery, query, visible
+    return gallery, query, visible, time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------------------
-# Instrumentation of the real search call
+# Measurement
 # --------------------------------------------------------------------------------------
 @contextmanager
-def build_timer(min_rows: int):
-    """Time ``orgnn.search``'s gallery checks, normalisation and index building while they run
-    inside :func:`orgnn.search.search_neighbourhoods` (restored afterwards)."""
-    from orgnn import search
-
-    spent = {"build_s": 0.0}
-    orig_build, orig_norm, orig_check = (search._build_index, search._normalise,
-                                         search._check_features)
-
-    def build(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return orig_build(*a, **k)
-        finally:
-            spent["build_s"] += time.perf_counter() - t0
-
-    def normalise(x):
-        t0 = time.perf_counter()
-        try:
-            return orig_norm(x)
-        finally:
-            if np.shape(x)[0] >= min_rows:  # the gallery, not a batch of queries
-                spent["build_s"] += time.perf_counter() - t0
-
-    def check(x, name):
-        t0 = time.perf_counter()
-        try:
-            return orig_check(x, name)
-        finally:
-            if np.shape(x)[0] >= min_rows:
-                spent["build_s"] += time.perf_counter() - t0
-
-    search._build_index, search._normalise, search._check_features = build, normalise, check
-    try:
-        yield spent
-    finally:
-        search._build_index, search._normalise, search._check_features = (
-            orig_build, orig_norm, orig_check)
+def measured(row: dict[str, Any], name: str):
+    """Time a stage; record its resident-set growth and absolute high-water mark (MiB)."""
+    base = _common._status_kib("VmRSS") or 0
+    _common._reset_hwm()
+    t0 = time.perf_counter()
+    yield
+    row["stage_s"][name] = time.perf_counter() - t0
+    hwm = _common._status_kib("VmHWM") or 0
+    row["stage_peak_mib"][name] = max(0, hwm - base) / 1024
+    row["stage_rss_peak_mib"][name] = hwm / 1024
 
 
 def recall(exact: np.ndarray, approx: np.ndarray) -> float:
@@ -135,78 +160,184 @@ def recall(exact: np.ndarray, approx: np.ndarray) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-# --------------------------------------------------------------------------------------
 def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
     from orgnn.nn import ORGNN
     from orgnn.pipeline import reconstruct
-    from orgnn.search import search_neighbourhoods
+    from orgnn.search import _ivf_nlist, resolve_nprobe, search_neighbourhoods
 
-    t0 = time.perf_counter()
-    gallery, query, visible = make_world(size, args.queries, seed=args.seed)
-    gen_s = time.perf_counter() - t0
+    gallery, query, visible, gen_s = write_world(Path(args.workdir), size, args.queries,
+                                                 args.seed)
     q = query.shape[0]
-    nlist = max(1, min(int(round(args.nlist_factor * math.sqrt(size))), size // 39))
-    row: dict[str, Any] = {"gallery": size, "queries": q, "generate_s": gen_s,
-                           "gallery_mib": gallery.nbytes / _common.MiB, "nlist": nlist,
-                           "nprobe": args.nprobe, "stage_s": {}, "stage_peak_mib": {}}
-    found = {}
-    for index in args.indexes:
-        if index == "ivf" and size // 39 < 1:
-            continue
-        name = f"search_{index}"
-        with build_timer(min_rows=size) as spent, \
-                _common.stage(row["stage_s"], row["stage_peak_mib"], name):
-            nbrs = search_neighbourhoods(query, visible, gallery, k=args.k, theta=args.theta,
-                                         index=index, nlist=nlist if index == "ivf" else None,
-                                         nprobe=args.nprobe)
-        total = row["stage_s"][name]
-        row[f"{index}_build_s"] = spent["build_s"]
-        row[f"{index}_query_s"] = max(total - spent["build_s"], 0.0)
-        row[f"{index}_per_image_ms"] = 1e3 * row[f"{index}_query_s"] / q
-        row[f"{index}_empty"] = nbrs.num_empty
-        found[index] = nbrs
-        print(f"  G={size:>8}: {index:<4} build {spent['build_s']:7.2f} s, queries "
-              f"{row[f'{index}_query_s']:7.2f} s ({row[f'{index}_per_image_ms']:.3f} ms/image),"
-              f" peak +{row['stage_peak_mib'][name]:.0f} MiB, {nbrs.num_empty} empty")
-    if "flat" in found and "ivf" in found:
-        row["ivf_recall"] = recall(found["flat"].index, found["ivf"].index)
-        print(f"  G={size:>8}: IVF recall vs exact {row['ivf_recall']:.3f}")
+    nq_recall = min(q, args.recall_queries or q)
+    kw = dict(k=args.k, theta=args.theta)
+    row: dict[str, Any] = {"gallery": size, "queries": q, "recall_queries": nq_recall,
+                           "generate_s": gen_s, "gallery_mib": gallery.nbytes / _common.MiB,
+                           "stage_s": {}, "stage_peak_mib": {}, "stage_rss_peak_mib": {}}
+    print(f"G={size}: gallery file {row['gallery_mib']:.0f} MiB (float16, mapped), "
+          f"ready in {gen_s:.1f} s")
 
-    model = ORGNN(DIM, DIM, num_parts=PARTS, num_layers=2, init="identity").eval()
-    nbrs = found.get("flat") or next(iter(found.values()))
-    with _common.stage(row["stage_s"], row["stage_peak_mib"], "reconstruct"):
-        out = reconstruct(model, query, gallery, nbrs, batch_size=args.batch_size)
-    row["reconstruct_per_image_ms"] = 1e3 * row["stage_s"]["reconstruct"] / q
-    assert out.shape == (q, PARTS, DIM) and np.isfinite(out).all()
-    print(f"  G={size:>8}: reconstruct {row['stage_s']['reconstruct']:.2f} s, peak "
-          f"+{row['stage_peak_mib']['reconstruct']:.0f} MiB")
+    with measured(row, "exact"):
+        exact = search_neighbourhoods(query[:nq_recall], visible[:nq_recall], gallery,
+                                      device="cpu", **kw)
+    row["exact_per_query_ms"] = 1e3 * row["stage_s"]["exact"] / nq_recall
+    row["exact_empty"] = exact.num_empty
+    print(f"  exact (torch, CPU, streamed): {row['stage_s']['exact']:.1f} s for {nq_recall} "
+          f"queries, RSS peak {row['stage_rss_peak_mib']['exact']:.0f} MiB")
+
+    if size <= args.full_index_max:
+        for index in ("flat", "ivf"):
+            if index == "ivf" and size // 39 < 1:
+                continue
+            with measured(row, index):
+                found = search_neighbourhoods(query, visible, gallery, index=index, **kw)
+            row[f"{index}_per_query_ms"] = 1e3 * row["stage_s"][index] / q
+            row[f"{index}_recall"] = recall(exact.index, found.index[:nq_recall])
+            print(f"  {index}: {row['stage_s'][index]:.1f} s (build included), recall "
+                  f"{row[f'{index}_recall']:.3f}, RSS peak "
+                  f"{row['stage_rss_peak_mib'][index]:.0f} MiB")
+
+    nlist = _ivf_nlist(args.nlist, size)
+    if nlist is not None:
+        nprobe = resolve_nprobe(nlist, None)
+        row.update(nlist=nlist, nprobe_default=nprobe, refine=args.refine, pq_m=args.pq_m)
+        cache: dict = {}
+        pq = dict(index="ivfpq", nlist=nlist, pq_m=args.pq_m, refine=args.refine,
+                  index_cache=cache, **kw)
+        with measured(row, "ivfpq_build_search"):
+            nbrs = search_neighbourhoods(query, visible, gallery, nprobe=nprobe, **pq)
+        row["ivfpq_recall"] = recall(exact.index, nbrs.index[:nq_recall])
+        row["ivfpq_empty"] = nbrs.num_empty
+        import faiss
+        ivf = [faiss.extract_index_ivf(idx) for idx in cache.values()]
+        # codes + 8-byte ids in the inverted lists, plus the centroids
+        row["ivfpq_index_mib"] = sum(i.ntotal * (i.code_size + 8) + i.nlist * i.d * 4
+                                     for i in ivf) / _common.MiB
+        sweep = {}
+        for probes in sorted(set(args.nprobes) | {nprobe}):
+            if probes > nlist:
+                continue
+            t0 = time.perf_counter()
+            found = search_neighbourhoods(query, visible, gallery, nprobe=probes, **pq)
+            dt = time.perf_counter() - t0
+            sweep[str(probes)] = {"per_query_ms": 1e3 * dt / q,
+                                  "recall": recall(exact.index, found.index[:nq_recall])}
+            print(f"  ivfpq nlist={nlist} nprobe={probes}: {sweep[str(probes)]['per_query_ms']:.2f}"
+                  f" ms/query, recall@{args.k} {sweep[str(probes)]['recall']:.3f}")
+        row["ivfpq_sweep"] = sweep
+        row["ivfpq_per_query_ms"] = sweep[str(nprobe)]["per_query_ms"]
+        del cache
+        print(f"  ivfpq build+search: {row['stage_s']['ivfpq_build_search']:.1f} s, RSS peak "
+              f"{row['stage_rss_peak_mib']['ivfpq_build_search']:.0f} MiB, recall "
+              f"{row['ivfpq_recall']:.3f} at nprobe={nprobe}")
+    else:
+        nbrs = exact
+
+    model = ORGNN(DIM, DIM, num_parts=PARTS, num_layers=2, init="identity",
+                  target_init="visible").eval()
+    n = len(nbrs.index)
+    with measured(row, "reconstruct"):
+        out = reconstruct(model, query[:n], gallery, nbrs, batch_size=args.batch_size,
+                          target_visibility=visible[:n])
+    row["reconstruct_per_image_ms"] = 1e3 * row["stage_s"]["reconstruct"] / n
+    assert out.shape == (n, PARTS, DIM) and np.isfinite(out).all()
+    search_stage = "ivfpq_build_search" if nlist is not None else "exact"
+    row["search_reconstruct_rss_peak_mib"] = max(row["stage_rss_peak_mib"][search_stage],
+                                                 row["stage_rss_peak_mib"]["reconstruct"])
+    print(f"  reconstruct: {row['stage_s']['reconstruct']:.2f} s, RSS peak "
+          f"{row['stage_rss_peak_mib']['reconstruct']:.0f} MiB; search + reconstruction RSS "
+          f"peak {row['search_reconstruct_rss_peak_mib']:.0f} MiB")
     return row
 
 
+# --------------------------------------------------------------------------------------
+# Occluded-Duke-sized: torch exact search vs faiss IndexFlatIP; torchrun 1 vs 2 ranks
+# --------------------------------------------------------------------------------------
+def duke_devices(args: argparse.Namespace) -> dict[str, Any]:
+    from orgnn.datasets import synthetic_preset
+    from orgnn.pipeline import search_split
+    from orgnn.training import SearchConfig
+
+    splits = synthetic_preset("occluded_duke", seed=0)
+    query, gallery = splits["query"], splits["gallery"]
+    results = {}
+
+    def run(device):
+        cfg = SearchConfig(k=10, theta=0.7, device=device)
+        results[device] = (search_split(query, gallery, cfg, same_split=False),
+                           search_split(gallery, gallery, cfg, same_split=True))
+
+    timing = _common.interleaved({"faiss IndexFlatIP": lambda: run(None),
+                                  "torch (cpu)": lambda: run("cpu")},
+                                 repeats=args.repeats, warmup=0)
+    same = all(np.array_equal(a.index, b.index) and np.array_equal(a.score, b.score)
+               for a, b in zip(results[None], results["cpu"]))
+    ratio = timing["torch (cpu)"]["median_s"] / timing["faiss IndexFlatIP"]["median_s"]
+    print(f"occluded_duke ({len(query)} queries + {len(gallery)} gallery searching "
+          f"{len(gallery)}): faiss {timing['faiss IndexFlatIP']['median_s']:.1f} s, torch "
+          f"{timing['torch (cpu)']['median_s']:.1f} s (x{ratio:.2f}); same neighbours and "
+          f"scores: {same}")
+    return {"queries": len(query), "gallery": len(gallery), "timing": timing,
+            "torch_over_faiss": ratio, "same_neighbours": same}
+
+
+def torchrun_row(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from orgnn.datasets import synthetic_preset
+    from orgnn.features import save_split_dir
+    from orgnn.nn import ORGNN
+    from orgnn.training import TrainConfig, save_checkpoint
+
+    work = Path(args.workdir) / "torchrun"
+    data = work / "data"
+    splits = synthetic_preset("occluded_duke", seed=0)
+    save_split_dir(data, {"query": splits["query"], "gallery": splits["gallery"]})
+    torch.manual_seed(0)
+    model = ORGNN(256, 256, num_parts=6, num_layers=2, init="glorot", target_init="visible")
+    ckpt = save_checkpoint(work / "model.pt", model, TrainConfig(target_init="visible"))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    row: dict[str, Any] = {"queries": len(splits["query"]), "gallery": len(splits["gallery"])}
+    outs = {}
+    for nproc in (1, 2):
+        out = work / f"out{nproc}"
+        cli = ["-m", "orgnn.cli", "reconstruct", "--data", str(data), "--checkpoint",
+               str(ckpt), "--out", str(out), "--quiet"]
+        if nproc == 1:
+            cmd = [sys.executable, *cli]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={nproc}", *cli[1:]]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=_common.REPO, env=env, capture_output=True, text=True)
+        row[f"wall_s_{nproc}"] = time.perf_counter() - t0
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        row[f"command_{nproc}"] = " ".join(cmd).replace(sys.executable, "python")
+        outs[nproc] = out
+    row["identical_files"] = all((outs[1] / n).read_bytes() == (outs[2] / n).read_bytes()
+                                 for n in ("query.npz", "gallery.npz"))
+    print(f"orgnn reconstruct, occluded_duke: 1 process {row['wall_s_1']:.1f} s, torchrun x2 "
+          f"{row['wall_s_2']:.1f} s; output files identical: {row['identical_files']}")
+    return row
+
+
+# --------------------------------------------------------------------------------------
 def report(rows: list[dict[str, Any]]) -> str:
     table = []
+    nan = float("nan")
     for r in rows:
         table.append([
-            r["gallery"], r["gallery_mib"],
-            r.get("flat_build_s", float("nan")), r.get("flat_per_image_ms", float("nan")),
-            r["stage_peak_mib"].get("search_flat", float("nan")),
-            r.get("ivf_build_s", float("nan")), r.get("ivf_per_image_ms", float("nan")),
-            r["stage_peak_mib"].get("search_ivf", float("nan")),
-            r.get("ivf_recall", float("nan")), r["nlist"],
-            r["reconstruct_per_image_ms"], r["stage_peak_mib"]["reconstruct"]])
+            r["gallery"], r["gallery_mib"], r["exact_per_query_ms"],
+            r["stage_rss_peak_mib"]["exact"], r.get("nlist", nan), r.get("nprobe_default", nan),
+            r.get("ivfpq_per_query_ms", nan), r.get("ivfpq_recall", nan),
+            r["stage_s"].get("ivfpq_build_search", nan),
+            r["stage_rss_peak_mib"].get("ivfpq_build_search", nan),
+            r["reconstruct_per_image_ms"], r["search_reconstruct_rss_peak_mib"]])
     return _common.fmt_table(
-        ["gallery", "gallery MiB (fp16)", "flat build s", "flat ms/query", "flat peak MiB",
-         "IVF build s", "IVF ms/query", "IVF peak MiB", "IVF recall", "nlist",
-         "reconstruct ms/image", "reconstruct peak MiB"], table)
-
-
-def growth_exponent(rows: list[dict[str, Any]], key: str) -> float | None:
-    """Slope of log(per-image time) against log(G) between the two largest sizes."""
-    pts = [(r["gallery"], r[key]) for r in rows if r.get(key)]
-    if len(pts) < 2:
-        return None
-    (g1, t1), (g2, t2) = pts[-2], pts[-1]
-    return math.log(t2 / t1) / math.log(g2 / g1)
+        ["gallery", "file MiB (fp16)", "exact ms/query", "exact RSS peak MiB", "nlist",
+         "nprobe", "IVF-PQ ms/query", "IVF-PQ recall@10", "IVF-PQ build+search s",
+         "IVF-PQ RSS peak MiB", "reconstruct ms/image", "search+reconstruct RSS peak MiB"],
+        table)
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -214,48 +345,65 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     g = [r["gallery"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("flat_per_image_ms", "exact search, per query"),
-                       ("ivf_per_image_ms", "IVF search, per query"),
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key, label in (("exact_per_query_ms", "exact (torch, streamed), per query"),
+                       ("ivfpq_per_query_ms", "IVF-PQ + exact re-rank, per query"),
                        ("reconstruct_per_image_ms", "reconstruction, per image")):
-        vals = [r.get(key, float("nan")) for r in rows]
-        axes[0].plot(g, vals, "o-", label=label)
-    for key, label in (("flat_build_s", "exact index build"), ("ivf_build_s", "IVF build")):
-        vals = [1e3 * r.get(key, float("nan")) / r["gallery"] for r in rows]
-        axes[0].plot(g, vals, "x--", label=label + ", per gallery image")
+        axes[0].plot(g, [r.get(key, float("nan")) for r in rows], "o-", label=label)
     axes[0].set_ylabel("ms")
-    for stage, label in (("search_flat", "exact search"), ("search_ivf", "IVF search"),
+    for stage, label in (("exact", "exact search"), ("ivfpq_build_search", "IVF-PQ build+search"),
                          ("reconstruct", "reconstruction")):
-        vals = [r["stage_peak_mib"].get(stage, float("nan")) for r in rows]
-        axes[1].plot(g, vals, "o-", label=label)
-    axes[1].plot(g, [r["gallery_mib"] for r in rows], "k:", label="gallery itself (fp16)")
-    axes[1].set_ylabel("peak memory growth (MiB)")
-    for ax in axes:
+        axes[1].plot(g, [r["stage_rss_peak_mib"].get(stage, float("nan")) for r in rows],
+                     "o-", label=label)
+    axes[1].plot(g, [r["gallery_mib"] for r in rows], "k:", label="gallery file (fp16)")
+    axes[1].set_ylabel("resident-set peak (MiB)")
+    for r in rows:
+        sweep = r.get("ivfpq_sweep") or {}
+        if sweep:
+            probes = sorted(int(p) for p in sweep)
+            axes[2].plot(probes, [sweep[str(p)]["recall"] for p in probes], "o-",
+                         label=f"G={r['gallery']:.0e}")
+    axes[2].axhline(0.95, color="k", ls=":", lw=1)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("nprobe")
+    axes[2].set_ylabel("IVF-PQ recall@10 vs exact")
+    for ax in axes[:2]:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("gallery size")
+    for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-    recalls = ", ".join(f"{r['gallery']:.0e}: {r['ivf_recall']:.2f}" for r in rows
-                        if "ivf_recall" in r)
-    fig.suptitle(f"Cost vs gallery size (IVF recall {recalls})", fontsize=9)
     _common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10^3 .. 10^4")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--sizes", type=int, nargs="*", default=None)
     parser.add_argument("--queries", type=int, default=None)
-    parser.add_argument("--indexes", nargs="+", default=["flat", "ivf"],
-                        choices=("flat", "ivf"))
+    parser.add_argument("--recall-queries", type=int, default=None,
+                        help="exact search (the recall reference) for the first N queries only")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--theta", type=float, default=0.7)
-    parser.add_argument("--nlist-factor", type=float, default=1.0,
-                        help="IVF lists = factor * sqrt(G) (at most G // 39)")
-    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt(G))")
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--pq-m", type=int, default=None,
+                        help="IVF-PQ sub-quantisers (default: the library's, 96 for 6 x 256-d)")
+    parser.add_argument("--refine", type=int, default=None)
+    parser.add_argument("--full-index-max", type=int, default=100_000,
+                        help="largest gallery given the float32 faiss flat / IVF indexes")
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="/tmp/orgnn_scaling",
+                        help="where the gallery files are written (and reused)")
+    parser.add_argument("--duke", action="store_true",
+                        help="torch vs faiss exact search on the Occluded-Duke-sized world")
+    parser.add_argument("--torchrun", action="store_true",
+                        help="orgnn reconstruct in 1 process vs torchrun with 2 (gloo)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--generate-only", action="store_true",
+                        help="write the gallery files of --sizes and stop")
     parser.add_argument("--append", action="store_true",
                         help="keep the other sizes already in --output (a later run adds one)")
     _common.add_common_args(parser)
@@ -269,37 +417,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _common.default_paths(args, "scaling", plot=True)
     settings = _common.apply_common_args(args)
     meta = _common.header(argv, "scaling.py", settings)
-    sizes = args.sizes or ([1_000, 3_000, 10_000] if args.quick
-                           else [1_000, 10_000, 100_000, 1_000_000])
+    if args.sizes is None:
+        args.sizes = [1_000, 3_000, 10_000] if args.quick else [1_000, 10_000, 100_000,
+                                                                1_000_000]
     args.queries = args.queries or (200 if args.quick else 1000)
-    rows: list[dict[str, Any]] = []
+    old: dict[str, Any] = {}
     if args.append and args.output and Path(args.output).exists():
         old = json.loads(Path(args.output).read_text())
-        rows = [r for r in old["rows"] if r["gallery"] not in sizes]
         meta["earlier_runs"] = old.get("earlier_runs", []) + [
             {k: old.get(k) for k in ("command", "machine", "settings", "sizes")}]
-    arguments = {k: v for k, v in vars(args).items() if k not in ("output", "plot")}
-    for size in sizes:
+    rows = [r for r in old.get("rows", []) if r["gallery"] not in args.sizes]
+    payload: dict[str, Any] = {**meta, "sizes": args.sizes, "rows": rows,
+                               "arguments": {k: v for k, v in vars(args).items()
+                                             if k not in ("output", "plot")}}
+    for key in ("duke_devices", "torchrun"):
+        if key in old:
+            payload[key] = old[key]
+
+    def save() -> None:
+        if args.output:  # after every step: a later one that runs out of time loses nothing
+            _common.write_json(args.output, payload)
+
+    if args.generate_only:
+        for size in args.sizes:
+            print(f"G={size}: ready in "
+                  f"{write_world(Path(args.workdir), size, 1, args.seed)[3]:.0f} s")
+        return payload
+    if args.duke:
+        payload["duke_devices"] = {**duke_devices(args), "run_command": meta["command"]}
+        save()
+    if args.torchrun:
+        payload["torchrun"] = {**torchrun_row(args), "run_command": meta["command"]}
+        save()
+    for size in args.sizes:
         t0 = time.perf_counter()
-        rows.append(run_size(size, args))
-        rows[-1]["wall_s"] = time.perf_counter() - t0
-        rows[-1]["run_command"] = meta["command"]
+        row = run_size(size, args)
+        row["wall_s"] = time.perf_counter() - t0
+        row["run_command"] = meta["command"]
+        rows.append(row)
         rows.sort(key=lambda r: r["gallery"])
-        if args.output:  # after every size: a later size that runs out of time loses nothing
-            _common.write_json(args.output, {**meta, "sizes": sizes, "rows": rows,
-                                             "arguments": arguments})
-    print(report(rows))
-    slopes = {k: growth_exponent(rows, k) for k in ("flat_per_image_ms", "ivf_per_image_ms")}
-    for k, v in slopes.items():
-        if v is not None:
-            kind = "sub-linear" if v < 0.9 else "linear" if v <= 1.1 else "super-linear"
-            print(f"growth exponent of {k} between the two largest sizes: {v:.2f} ({kind})")
-    payload = {**meta, "sizes": sizes, "rows": rows, "growth_exponents": slopes,
-               "arguments": arguments}
-    if args.output:
-        _common.write_json(args.output, payload)
-    if args.plot:
-        plot(rows, Path(args.plot))
+        save()
+    if rows:
+        print(report(rows))
+        if args.plot:
+            plot(rows, Path(args.plot))
+    save()
     return payload
 
 

@@ -255,7 +255,7 @@ def search_neighbourhoods(
             has GPU support).
         pq_m: ``ivfpq`` sub-quantisers (4 bits each) per vector; must divide the vector
             dimension (``M D`` for visible-mean, ``D`` per part for intersection); default
-            about ``dim / 8`` (at least 8).
+            about ``dim / 16`` (at least 8).
         opq: ``ivfpq`` with an OPQ rotation learnt before the product quantiser.
         refine: ``ivfpq`` candidates re-ranked exactly per neighbour (default 8).
         gallery_chunk: gallery rows per chunk of the torch search and of index building
@@ -503,9 +503,10 @@ def _faiss_gpus() -> int:
 
 
 def _default_pq_m(dim: int) -> int:
-    """The largest divisor of ``dim`` that is at most ``dim / 8`` (8-d sub-vectors of 4 bits:
-    ``dim / 16`` bytes), or 8 for short vectors (a 16-d part in 1 byte loses too much)."""
-    target = max(dim // 8, min(dim, 8))
+    """The largest divisor of ``dim`` that is at most ``dim / 16`` (16-d sub-vectors of 4
+    bits: ``dim / 32`` bytes), or 8 for short vectors (a 16-d part in 1 byte loses too
+    much)."""
+    target = max(dim // 16, min(dim, 8))
     return max(m for m in range(1, target + 1) if dim % m == 0)
 
 

@@ -49,9 +49,12 @@ def test_scaling_smoke(tmp_path):
     from benchmarks import scaling
 
     scaling.main(["--sizes", "300", "1000", "--queries", "40", "--output",
-                  str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
+                  str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png"), "--workdir",
+                  str(tmp_path / "work"), "--pq-m", "16", "--nprobes", "4"])
     payload = json.loads((tmp_path / "s.json").read_text())
     rows = payload["rows"]
     assert [r["gallery"] for r in rows] == [300, 1000]
-    assert all(0.0 <= r["ivf_recall"] <= 1.0 for r in rows)
+    assert all(0.0 <= r["ivf_recall"] <= 1.0 and 0.0 <= r["ivfpq_recall"] <= 1.0
+               for r in rows)
+    assert rows[0]["flat_recall"] == 1.0
     assert (tmp_path / "s.png").stat().st_size > 0
