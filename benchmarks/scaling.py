@@ -54,6 +54,9 @@ from benchmarks import _common
 
 PARTS, DIM = 6, 256
 IMAGES_PER_ID = 10
+#: In the gallery files' names: a file written by another version of the generator is not
+#: reused.
+WORLD_VERSION = "v2"
 ID_BLOCK = 64
 PATTERNS = np.array([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 1, 1], [0, 1, 1, 1, 1, 1],
                      [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 1], [1, 0, 0, 0, 1, 1]],
@@ -111,7 +114,7 @@ def write_world(workdir: Path, size: int, num_queries: int, seed: int = 0,
     occlusion patterns (visibility 0 and noise on the hidden parts). The gallery file is
     written with plain file writes (no mapping held) and reused when it exists."""
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"gallery_{size}_s{seed}.npy"
+    path = workdir / f"gallery_{size}_s{seed}_{WORLD_VERSION}.npy"
     t0 = time.perf_counter()
     if not path.exists():
         tmp = path.with_suffix(".tmp")
@@ -150,6 +153,13 @@ def measured(row: dict[str, Any], name: str):
     row["stage_rss_peak_mib"][name] = hwm / 1024
 
 
+def _partial(row: dict[str, Any], args: argparse.Namespace) -> None:
+    """The stages of a size measured so far, in ``--workdir`` (a size too large to finish
+    in the time at hand still leaves its first figures)."""
+    path = Path(args.workdir) / f"partial_{row['gallery']}.json"
+    path.write_text(json.dumps(row, indent=2, default=_common._plain))
+
+
 def recall(exact: np.ndarray, approx: np.ndarray) -> float:
     """Mean over queries with exact neighbours of |exact ∩ approx| / |exact|."""
     vals = []
@@ -176,27 +186,12 @@ def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
     print(f"G={size}: gallery file {row['gallery_mib']:.0f} MiB (float16, mapped), "
           f"ready in {gen_s:.1f} s")
 
-    with measured(row, "exact"):
-        exact = search_neighbourhoods(query[:nq_recall], visible[:nq_recall], gallery,
-                                      device="cpu", **kw)
-    row["exact_per_query_ms"] = 1e3 * row["stage_s"]["exact"] / nq_recall
-    row["exact_empty"] = exact.num_empty
-    print(f"  exact (torch, CPU, streamed): {row['stage_s']['exact']:.1f} s for {nq_recall} "
-          f"queries, RSS peak {row['stage_rss_peak_mib']['exact']:.0f} MiB")
-
-    if size <= args.full_index_max:
-        for index in ("flat", "ivf"):
-            if index == "ivf" and size // 39 < 1:
-                continue
-            with measured(row, index):
-                found = search_neighbourhoods(query, visible, gallery, index=index, **kw)
-            row[f"{index}_per_query_ms"] = 1e3 * row["stage_s"][index] / q
-            row[f"{index}_recall"] = recall(exact.index, found.index[:nq_recall])
-            print(f"  {index}: {row['stage_s'][index]:.1f} s (build included), recall "
-                  f"{row[f'{index}_recall']:.3f}, RSS peak "
-                  f"{row['stage_rss_peak_mib'][index]:.0f} MiB")
-
+    # IVF-PQ first (build, search, reconstruct: the bounded-memory path), the exact
+    # reference after it, so that a size too large to finish still reports the first part.
     nlist = _ivf_nlist(args.nlist, size)
+    model = ORGNN(DIM, DIM, num_parts=PARTS, num_layers=2, init="identity",
+                  target_init="visible").eval()
+    found: dict[str, np.ndarray] = {}
     if nlist is not None:
         nprobe = resolve_nprobe(nlist, None)
         row.update(nlist=nlist, nprobe_default=nprobe, refine=args.refine, pq_m=args.pq_m)
@@ -205,41 +200,72 @@ def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
                   index_cache=cache, **kw)
         with measured(row, "ivfpq_build_search"):
             nbrs = search_neighbourhoods(query, visible, gallery, nprobe=nprobe, **pq)
-        row["ivfpq_recall"] = recall(exact.index, nbrs.index[:nq_recall])
         row["ivfpq_empty"] = nbrs.num_empty
         import faiss
         ivf = [faiss.extract_index_ivf(idx) for idx in cache.values()]
         # codes + 8-byte ids in the inverted lists, plus the centroids
         row["ivfpq_index_mib"] = sum(i.ntotal * (i.code_size + 8) + i.nlist * i.d * 4
                                      for i in ivf) / _common.MiB
+        print(f"  ivfpq build+search: {row['stage_s']['ivfpq_build_search']:.1f} s, RSS peak "
+              f"{row['stage_rss_peak_mib']['ivfpq_build_search']:.0f} MiB, index "
+              f"{row['ivfpq_index_mib']:.0f} MiB", flush=True)
+        _partial(row, args)
+        n = len(nbrs.index)
+        with measured(row, "reconstruct"):
+            out = reconstruct(model, query[:n], gallery, nbrs, batch_size=args.batch_size,
+                              target_visibility=visible[:n])
+        assert out.shape == (n, PARTS, DIM) and np.isfinite(out).all()
+        row["reconstruct_per_image_ms"] = 1e3 * row["stage_s"]["reconstruct"] / n
+        print(f"  reconstruct: {row['stage_s']['reconstruct']:.2f} s, RSS peak "
+              f"{row['stage_rss_peak_mib']['reconstruct']:.0f} MiB", flush=True)
+        _partial(row, args)
         sweep = {}
         for probes in sorted(set(args.nprobes) | {nprobe}):
             if probes > nlist:
                 continue
             t0 = time.perf_counter()
-            found = search_neighbourhoods(query, visible, gallery, nprobe=probes, **pq)
-            dt = time.perf_counter() - t0
-            sweep[str(probes)] = {"per_query_ms": 1e3 * dt / q,
-                                  "recall": recall(exact.index, found.index[:nq_recall])}
-            print(f"  ivfpq nlist={nlist} nprobe={probes}: {sweep[str(probes)]['per_query_ms']:.2f}"
-                  f" ms/query, recall@{args.k} {sweep[str(probes)]['recall']:.3f}")
+            got = search_neighbourhoods(query, visible, gallery, nprobe=probes, **pq)
+            sweep[str(probes)] = {"per_query_ms": 1e3 * (time.perf_counter() - t0) / q}
+            found[f"ivfpq/{probes}"] = got.index[:nq_recall]
+            print(f"  ivfpq nlist={nlist} nprobe={probes}: "
+                  f"{sweep[str(probes)]['per_query_ms']:.2f} ms/query", flush=True)
         row["ivfpq_sweep"] = sweep
         row["ivfpq_per_query_ms"] = sweep[str(nprobe)]["per_query_ms"]
+        found["ivfpq"] = nbrs.index[:nq_recall]
         del cache
-        print(f"  ivfpq build+search: {row['stage_s']['ivfpq_build_search']:.1f} s, RSS peak "
-              f"{row['stage_rss_peak_mib']['ivfpq_build_search']:.0f} MiB, recall "
-              f"{row['ivfpq_recall']:.3f} at nprobe={nprobe}")
+
+    with measured(row, "exact"):
+        exact = search_neighbourhoods(query[:nq_recall], visible[:nq_recall], gallery,
+                                      device="cpu", **kw)
+    row["exact_per_query_ms"] = 1e3 * row["stage_s"]["exact"] / nq_recall
+    row["exact_empty"] = exact.num_empty
+    print(f"  exact (torch, CPU, streamed): {row['stage_s']['exact']:.1f} s for {nq_recall} "
+          f"queries, RSS peak {row['stage_rss_peak_mib']['exact']:.0f} MiB", flush=True)
+    if nlist is not None:
+        row["ivfpq_recall"] = recall(exact.index, found["ivfpq"])
+        for probes, entry in row["ivfpq_sweep"].items():
+            entry["recall"] = recall(exact.index, found[f"ivfpq/{probes}"])
+            print(f"  ivfpq nprobe={probes}: recall@{args.k} {entry['recall']:.3f}")
     else:
         nbrs = exact
+        n = len(nbrs.index)
+        with measured(row, "reconstruct"):
+            reconstruct(model, query[:n], gallery, nbrs, batch_size=args.batch_size,
+                        target_visibility=visible[:n])
+        row["reconstruct_per_image_ms"] = 1e3 * row["stage_s"]["reconstruct"] / n
 
-    model = ORGNN(DIM, DIM, num_parts=PARTS, num_layers=2, init="identity",
-                  target_init="visible").eval()
-    n = len(nbrs.index)
-    with measured(row, "reconstruct"):
-        out = reconstruct(model, query[:n], gallery, nbrs, batch_size=args.batch_size,
-                          target_visibility=visible[:n])
-    row["reconstruct_per_image_ms"] = 1e3 * row["stage_s"]["reconstruct"] / n
-    assert out.shape == (n, PARTS, DIM) and np.isfinite(out).all()
+    if size <= args.full_index_max:
+        for index in ("flat", "ivf"):
+            if index == "ivf" and size // 39 < 1:
+                continue
+            with measured(row, index):
+                got = search_neighbourhoods(query, visible, gallery, index=index, **kw)
+            row[f"{index}_per_query_ms"] = 1e3 * row["stage_s"][index] / q
+            row[f"{index}_recall"] = recall(exact.index, got.index[:nq_recall])
+            print(f"  {index}: {row['stage_s'][index]:.1f} s (build included), recall "
+                  f"{row[f'{index}_recall']:.3f}, RSS peak "
+                  f"{row['stage_rss_peak_mib'][index]:.0f} MiB")
+
     search_stage = "ivfpq_build_search" if nlist is not None else "exact"
     row["search_reconstruct_rss_peak_mib"] = max(row["stage_rss_peak_mib"][search_stage],
                                                  row["stage_rss_peak_mib"]["reconstruct"])
