@@ -32,7 +32,8 @@ from orgnn.pipeline import (
     average_reconstruct,
     oan_parts,
     part_distance,
-    reconstruct,
+    reconstruct_pair,
+    resolve_search,
     search_split,
 )
 from orgnn.training import SearchConfig, TrainConfig, train_orgnn
@@ -53,9 +54,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                         "real mini-mars-parts proxy if found, else a synthetic world)")
     parser.add_argument("--synthetic", action="store_true",
                         help="use the synthetic world even when real data is present")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--k", type=int, default=10, help="inference neighbourhood size")
-    parser.add_argument("--theta", type=float, default=0.7, help="similarity threshold")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="epochs of Eq. 7 after the outlier scorer (default 0)")
+    parser.add_argument("--k", type=int, default=20, help="inference neighbourhood size")
+    parser.add_argument("--theta", type=float, default=None,
+                        help="similarity threshold (default: calibrated on the training split)")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny sizes: the synthetic 'tiny' world, 2 epochs")
     args = parser.parse_args(argv)
@@ -78,23 +81,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         print(f"  {name:<8} {len(split):>6} images, {len(set(split.pids.tolist())):>4} "
               f"identities, {occluded} occluded, {split.num_parts} parts x {split.dim}-d")
 
-    # 2. train the OR-GNN (Eq. 7) ----------------------------------------------------------
-    epochs = 2 if args.tiny else args.epochs
+    # 2. train the outlier scorer and the OR-GNN (Eq. 7) ------------------------------------
+    epochs = min(args.epochs, 2) if args.tiny else args.epochs
     start = time.perf_counter()
     model = train_orgnn(train, TrainConfig(epochs=epochs), progress=False)
     print(f"trained {model} for {epochs} epochs in {time.perf_counter() - start:.1f} s")
 
     # 3. search and reconstruct both sides (Eq. 3-6) ----------------------------------------
-    search = SearchConfig(k=args.k, theta=args.theta)          # visible-mean search
+    search = resolve_search(SearchConfig(k=args.k, theta=args.theta), model)  # visible-mean
     q_nbrs = search_split(query, gallery, search, same_split=False)
     g_nbrs = search_split(gallery, gallery, search, same_split=True)
     print(f"neighbourhoods (K={search.k}, theta={search.theta}, {search.mode}): "
           f"{q_nbrs.num_empty} of {len(query)} queries and {g_nbrs.num_empty} of "
           f"{len(gallery)} gallery images have none (they are reconstructed from themselves)")
-    q_rec = reconstruct(model, query.features, gallery.features, q_nbrs,
-                        target_visibility=query.visibility)
-    g_rec = reconstruct(model, gallery.features, gallery.features, g_nbrs,
-                        target_visibility=gallery.visibility)
+    # The learned scorer weighs every neighbour, then the OR-GNN reconstructs (Eq. 4-6).
+    q_rec, g_rec = reconstruct_pair(model, query, gallery, q_nbrs, g_nbrs)
     q_avg = average_reconstruct(query.features, gallery.features, q_nbrs)
     g_avg = average_reconstruct(gallery.features, gallery.features, g_nbrs)
 

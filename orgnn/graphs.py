@@ -117,7 +117,8 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
                       index: np.ndarray, batch_size: int = 2048,
                       device: str | torch.device = "cpu",
                       target_visible: np.ndarray | None = None, desc: str | None = None,
-                      progress: bool = False) -> np.ndarray:
+                      progress: bool = False,
+                      node_weight: np.ndarray | None = None) -> np.ndarray:
     """``fn(x, mask[, target_visible=...])`` over the dense neighbourhood batches of every
     ``target`` image, ``batch_size`` graphs at a time; the outputs concatenated as float32.
 
@@ -127,6 +128,8 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
         target_visible: ``(N, M)`` visibility (or booleans) of the targets; when given, the
             parts at or above the visibility threshold reach ``fn`` as ``target_visible``.
         desc, progress: the progress bar's label, and whether to show it.
+        node_weight: ``(N, 1 + K)`` or ``(N, M, 1 + K)`` prior weight of every node of every
+            graph (the target first); when given it reaches ``fn`` as ``node_weight``.
     """
     chunks = []
     starts = range(0, target.shape[0], batch_size)
@@ -136,5 +139,9 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
         extra = {} if target_visible is None else {
             "target_visible": torch.as_tensor(
                 np.asarray(target_visible[sl]) >= VISIBLE_THRESHOLD, device=x.device)}
+        if node_weight is not None:
+            weight = torch.as_tensor(np.asarray(node_weight[sl], dtype=np.float32),
+                                     device=x.device)
+            extra["node_weight"] = weight[..., :x.size(2)]     # an empty row grew to width 1
         chunks.append(fn(x, mask, **extra).float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.empty((0,) + target.shape[1:], np.float32)

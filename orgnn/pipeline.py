@@ -9,7 +9,9 @@ with :math:`S_a` all parts, or (rows marked "+OAN") only the parts visible in :m
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,11 +21,13 @@ import numpy as np
 import torch
 
 from orgnn import distributed, metrics
+from orgnn.calibration import calibrate_theta
 from orgnn.features import PartFeatures
 from orgnn.graphs import map_dense_batches
 from orgnn.nn import ORGNN
+from orgnn.outliers import score_split
 from orgnn.search import Neighbourhoods, search_neighbourhoods
-from orgnn.training import SearchConfig, TrainConfig, train_orgnn
+from orgnn.training import SearchConfig, TrainConfig, prior_weights, train_orgnn
 
 #: Every row of SPEC §6, in table order.
 ABLATION_ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn",
@@ -76,11 +80,17 @@ def oan_parts(visible: np.ndarray) -> np.ndarray:
 def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
                 neighbourhoods: Neighbourhoods | np.ndarray, batch_size: int = 2048,
                 device: str | torch.device = "cpu", progress: bool = False,
-                target_visibility: np.ndarray | None = None) -> np.ndarray:
+                target_visibility: np.ndarray | None = None,
+                node_weight: np.ndarray | None = None) -> np.ndarray:
     """Reconstruct ``target`` ``(N, M, D)`` from its neighbours in ``gallery`` with the
     OR-GNN, streaming ``batch_size`` graphs at a time. Returns ``(N, M, F)`` float32.
-    ``target_visibility`` ``(N, M)`` is needed by models with ``target_init="visible"``."""
+    ``target_visibility`` ``(N, M)`` is needed by models with ``target_init="visible"``;
+    ``node_weight`` ``(N, 1 + K)`` by models with a learned scorer (:func:`outlier_weights`
+    computes it; :func:`reconstruct_split` does all of it)."""
     index = getattr(neighbourhoods, "index", neighbourhoods)
+    if node_weight is None and getattr(model, "scorer", None) is not None:
+        raise ValueError("this OR-GNN weighs neighbours with a learned outlier scorer: pass "
+                         "node_weight from outlier_weights(), or use reconstruct_split()")
     model = model.to(device).eval()
     if model.target_init != "visible":
         target_visibility = None
@@ -91,7 +101,99 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
     return distributed.map_rows(lambda rows: map_dense_batches(
         model, target[rows], gallery, index[rows], batch_size, device,
         None if target_visibility is None else target_visibility[rows], "reconstruct",
-        progress), target.shape[0], batch_size)
+        progress, None if node_weight is None else node_weight[rows]),
+        target.shape[0], batch_size)
+
+
+def outlier_weights(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
+                    nbrs: Neighbourhoods, gallery_nbrs: Neighbourhoods) -> np.ndarray | None:
+    """The OR-GNN's prior node weights ``(N, 1 + K)`` for ``target``'s neighbourhoods
+    ``nbrs`` in ``gallery``: the model's learned scorer (:mod:`orgnn.outliers`) run on them,
+    with ``gallery_nbrs`` the gallery's own neighbourhoods (they feed the overlap features;
+    pass ``nbrs`` itself when the target is the gallery). ``None`` for a model without a
+    scorer."""
+    scorer = getattr(model, "scorer", None)
+    if scorer is None:
+        return None
+    same = target is gallery
+    g_prob, t_prob = score_split(scorer, gallery, gallery_nbrs,
+                                 None if same else target, None if same else nbrs)
+    return prior_weights(g_prob if same else t_prob, scorer.gamma)
+
+
+def reconstruct_split(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
+                      search: SearchConfig, *, same_split: bool, batch_size: int = 2048,
+                      device: str | torch.device = "cpu", progress: bool = False
+                      ) -> tuple[np.ndarray, Neighbourhoods]:
+    """Search ``target``'s neighbourhoods in ``gallery``, weigh them with the model's
+    scorer (if any) and reconstruct: ``(features (N, M, F), neighbourhoods)``.
+    ``same_split``: ``target`` is the gallery itself (each image excluded from its own)."""
+    search = resolve_search(search, model)
+    nbrs = search_split(target, gallery, search, same_split=same_split)
+    weights = None
+    if getattr(model, "scorer", None) is not None:
+        g_nbrs = nbrs if same_split else search_split(gallery, gallery, search,
+                                                       same_split=True)
+        weights = outlier_weights(model, gallery if same_split else target, gallery, nbrs,
+                                  g_nbrs)
+    feats = reconstruct(model, target.features, gallery.features, nbrs, batch_size, device,
+                        progress, target_visibility=target.visibility, node_weight=weights)
+    return feats, nbrs
+
+
+def reconstruct_pair(model: ORGNN, query: PartFeatures, gallery: PartFeatures,
+                     q_nbrs: Neighbourhoods, g_nbrs: Neighbourhoods, *, use_oan: bool = True,
+                     oracle: bool = False, batch_size: int = 2048,
+                     device: str | torch.device = "cpu", timer: _Timer | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Reconstruct query and gallery from their neighbourhoods, weighed by the model's
+    scorer (if any): the ``orgnn``-type rows of the ablation.
+
+    Args:
+        use_oan: ``False`` for the ``gnn`` row: no part counts as visible (targets start as
+            the neighbours' mean, and the scorer sees no visibility either).
+        oracle: the neighbourhoods hold right neighbours only (``upper_bound``): each gets
+            weight 1 instead of the scorer's.
+    """
+    timer = timer or _Timer()
+    q_vis, g_vis = ((query.visibility, gallery.visibility) if use_oan else
+                    (np.zeros_like(query.visibility), np.zeros_like(gallery.visibility)))
+    q_w = g_w = None
+    if getattr(model, "scorer", None) is not None:
+        with timer("score"):
+            if oracle:
+                q_w, g_w = (prior_weights(n.valid.astype(np.float32), 1.0)
+                            for n in (q_nbrs, g_nbrs))
+            else:
+                q_pf, g_pf = query, gallery
+                if not use_oan:
+                    q_pf = dataclasses.replace(query, visibility=np.ones_like(q_vis))
+                    g_pf = dataclasses.replace(gallery, visibility=np.ones_like(g_vis))
+                g_prob, q_prob = score_split(model.scorer, g_pf, g_nbrs, q_pf, q_nbrs)
+                q_w, g_w = (prior_weights(p, model.scorer.gamma) for p in (q_prob, g_prob))
+    with timer("reconstruct"):
+        q = reconstruct(model, query.features, gallery.features, q_nbrs, batch_size, device,
+                        target_visibility=q_vis, node_weight=q_w)
+        g = reconstruct(model, gallery.features, gallery.features, g_nbrs, batch_size, device,
+                        target_visibility=g_vis, node_weight=g_w)
+    return q, g
+
+
+def resolve_search(search: SearchConfig, model: ORGNN | None = None,
+                   train: PartFeatures | None = None) -> SearchConfig:
+    """``search`` with a concrete ``theta``: as given; else the threshold ``model`` was
+    trained with (calibrated on its training split); else calibrated on ``train``."""
+    if search.theta is not None:
+        return search
+    trained = getattr(getattr(model, "train_config", None), "theta", None)
+    if trained is not None:
+        return dataclasses.replace(search, theta=float(trained))
+    if train is None:
+        raise ValueError("the search threshold theta is unset (calibrated) and there is "
+                         "neither a model trained with one nor a training split to "
+                         "calibrate it on; pass theta")
+    return dataclasses.replace(search, theta=calibrate_theta(
+        train, search.k, search.mode, upper_body_parts=search.upper_body_parts))
 
 
 @torch.inference_mode()
@@ -192,6 +294,10 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
     query, gallery = splits["query"], splits["gallery"]
     timer = _Timer()
     models = dict(models or {})
+    theta_calibrated = config.search.theta is None
+    with timer("search"):
+        search_cfg = resolve_search(config.search, models.get("orgnn"), splits.get("train"))
+    config = dataclasses.replace(config, search=search_cfg)
     results: dict[str, dict[str, float]] = {}
     empty: dict[str, int] = {}
     q_oan, g_oan = oan_parts(query.visible), oan_parts(gallery.visible)
@@ -221,17 +327,10 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
         return models[key]
 
     def run_model(model: ORGNN, q_nbrs: Neighbourhoods, g_nbrs: Neighbourhoods,
-                  use_oan: bool = True):
-        # Without OAN (the `gnn` row) no part counts as visible: targets start as the mean.
-        q_vis, g_vis = ((query.visibility, gallery.visibility) if use_oan else
-                        (np.zeros_like(query.visibility), np.zeros_like(gallery.visibility)))
-        with timer("reconstruct"):
-            device = config.search.device or "cpu"  # the search's torch device, if any
-            q = reconstruct(model, query.features, gallery.features, q_nbrs, config.batch_size,
-                            device, target_visibility=q_vis)
-            g = reconstruct(model, gallery.features, gallery.features, g_nbrs,
-                            config.batch_size, device, target_visibility=g_vis)
-        return q, g
+                  use_oan: bool = True, oracle: bool = False):
+        return reconstruct_pair(model, query, gallery, q_nbrs, g_nbrs, use_oan=use_oan,
+                                oracle=oracle, batch_size=config.batch_size,
+                                device=config.search.device or "cpu", timer=timer)
 
     if {"baseline", "baseline_rr"} & set(rows):
         score("baseline", query.features, gallery.features, rerank="baseline_rr")
@@ -244,6 +343,7 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
             q_nbrs = search_split(query, gallery, config.search, same_split=False)
             g_nbrs = search_split(gallery, gallery, config.search, same_split=True)
         empty["query"], empty["gallery"] = q_nbrs.num_empty, g_nbrs.num_empty
+        _warn_if_mostly_empty(empty, query.num_images, gallery.num_images, config.search)
         if "avg" in rows:
             with timer("reconstruct"):
                 q_avg = average_reconstruct(query.features, gallery.features, q_nbrs,
@@ -259,7 +359,7 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
         if "upper_bound" in rows:
             q_ub = q_nbrs.filter(_same_identity(q_nbrs, query.pids, gallery.pids))
             g_ub = g_nbrs.filter(_same_identity(g_nbrs, gallery.pids, gallery.pids))
-            score("upper_bound", *run_model(model_for(True), q_ub, g_ub))
+            score("upper_bound", *run_model(model_for(True), q_ub, g_ub, oracle=True))
     if "gnn" in rows:
         with timer("search"):
             q_all = search_split(query, gallery, config.search, same_split=False,
@@ -273,7 +373,20 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
     timings = {k: round(v, 3) for k, v in timer.timings.items()}
     timings["search+reconstruct+evaluate"] = round(sum(
         timer.timings.get(k, 0.0) for k in ("search", "reconstruct", "evaluate")), 3)
-    return AblationResult(ordered, empty, timings, _config_json(config))
+    return AblationResult(ordered, empty, timings, {**_config_json(config),
+                          "theta_calibrated": theta_calibrated})
+
+
+def _warn_if_mostly_empty(empty: dict[str, int], num_query: int, num_gallery: int,
+                          search: SearchConfig) -> None:
+    """Warn when a quarter or more of a split's images found no neighbour."""
+    for split, total in (("query", num_query), ("gallery", num_gallery)):
+        if total and empty[split] >= 0.25 * total:
+            warnings.warn(
+                f"{empty[split]} of {total} {split} images have no neighbour at K={search.k}, "
+                f"theta={search.theta:g}: they are not reconstructed from anyone. The "
+                "threshold may not suit this feature space; leave theta unset to calibrate it "
+                "on the training split", RuntimeWarning, stacklevel=3)
 
 
 def _same_identity(nbrs: Neighbourhoods, target_pids: np.ndarray,
@@ -297,6 +410,12 @@ def format_table(result: AblationResult, title: str | None = None) -> str:
     for name, row in result.rows.items():
         lines.append(f"{name:<12}" + "".join(f"{row[k]:>8.1f}" for k in METRIC_KEYS))
     if result.empty_neighbourhoods:
+        search = result.config.get("search", {})
+        if search.get("theta") is not None:
+            lines.append(f"search: {search.get('mode')}, K={search.get('k')}, "
+                         f"theta={search['theta']:g}"
+                         + (" (calibrated on the training split)"
+                            if result.config.get("theta_calibrated") else ""))
         lines.append("empty neighbourhoods: " + ", ".join(
             f"{k} {v}" for k, v in result.empty_neighbourhoods.items()))
     lines.append("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))

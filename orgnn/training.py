@@ -11,6 +11,14 @@ batches hold ``P`` identities x ``K`` neighbourhood sets, and the loss is
 where the second term (off by default, ``recon_weight``) needs the clean features of the
 training images (``clean_features`` in the part-feature file).
 
+Before that, with ``outlier_scorer="learned"`` (the default), a
+:class:`~orgnn.nn.neighbour_scorer.NeighbourScorer` learns which training neighbours share
+their target's identity (:mod:`orgnn.outliers`); its probabilities become the OR-GNN's
+prior node weights, in training as at inference, and the scorer travels with the model
+(``model.scorer``). Training neighbourhoods are drawn as test ones are: the inference
+``K`` and a threshold calibrated on the training split (:mod:`orgnn.calibration`) unless
+``theta`` is given.
+
 Before the first step the classifier is imprinted (``classifier_init="imprint"``, the
 default): it starts as the nearest-class-mean classifier of the untrained network's outputs
 (:meth:`~orgnn.ORGNN.imprint_classifier`), so the first gradients refine the reconstruction
@@ -31,15 +39,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from orgnn.calibration import DEFAULT_QUANTILE, calibrate_theta
 from orgnn.features import PartFeatures
 from orgnn.graphs import dense_neighbourhood_batch, map_dense_batches
 from orgnn.io_atomic import atomic_write
 from orgnn.nn import ORGNN
+from orgnn.nn.neighbour_scorer import NeighbourScorer
+from orgnn.outliers import ScorerConfig, fit_scorer, score_split
 from orgnn.search import Neighbourhoods, search_neighbourhoods
 
 CHECKPOINT_FORMAT = "orgnn-checkpoint-v1"
 #: How the Eq. 7 classifier starts: the class means of the untrained outputs, or random.
 CLASSIFIER_INITS = ("imprint", "random")
+#: Where the OR-GNN's prior node weights come from: a learned scorer, or none (Eq. 4 only).
+OUTLIER_SCORERS = ("learned", "none")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -52,10 +65,11 @@ class CheckpointError(ValueError):
 
 @dataclass
 class SearchConfig:
-    """How neighbourhoods are searched (SPEC §3)."""
+    """How neighbourhoods are searched (SPEC §3). ``theta=None``: the threshold calibrated
+    on the training split (the one the model was trained with)."""
 
-    k: int = 10
-    theta: float = 0.7
+    k: int = 20
+    theta: float | None = None
     mode: str = "visible-mean"
     upper_body_parts: tuple[int, ...] | None = (0, 1)
     index: str = "flat"
@@ -74,8 +88,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     ids_per_batch: int = 16
     sets_per_id: int = 4
-    k: int = 30
-    theta: float = 0.7
+    k: int = 20                               # the inference K (the paper trains with 30)
+    theta: float | None = None                # None: calibrated on the training split
+    theta_quantile: float = DEFAULT_QUANTILE
     mode: str = "visible-mean"
     hidden_channels: int | None = None        # None: the part dimension
     num_layers: int = 2
@@ -86,6 +101,11 @@ class TrainConfig:
     recon_weight: float = 0.0
     ce_weight: float = 1.0
     train_transform: bool = True              # False: W stays fixed, only V and b learn
+    act: str = "none"                         # measured best; "relu" is the paper's Eq. 5
+    outlier_scorer: str = "learned"           # measured best; "none": Eq. 4 alone
+    scorer_stages: int = 3
+    scorer_steps: int = 150
+    scorer_gamma: float = 4.0
     seed: int = 0
 
     def scaled_milestones(self) -> list[int]:
@@ -93,11 +113,28 @@ class TrainConfig:
         return [max(1, round(m * self.epochs / 120)) for m in self.milestones]
 
 
+def resolve_theta(train: PartFeatures, config: TrainConfig) -> TrainConfig:
+    """``config`` with ``theta`` calibrated on ``train`` when it is ``None``."""
+    if config.theta is not None:
+        return config
+    theta = calibrate_theta(train, config.k, config.mode, config.theta_quantile)
+    return dataclasses.replace(config, theta=theta)
+
+
 def train_neighbourhoods(train: PartFeatures, config: TrainConfig) -> Neighbourhoods:
     """Neighbourhoods of every training image within the training split (self excluded)."""
+    config = resolve_theta(train, config)
     return search_neighbourhoods(
         train.features, train.visible, train.features, k=config.k, theta=config.theta,
         mode=config.mode, exclude=np.arange(train.num_images))
+
+
+def prior_weights(prob: np.ndarray, gamma: float, target_weight: float = 1.0) -> np.ndarray:
+    r"""``(N, 1 + K)`` OR-GNN node weights from same-identity probabilities ``(N, K)``: the
+    target's own weight first, then :math:`p^\gamma` per neighbour (0 where padded)."""
+    prob = np.asarray(prob, dtype=np.float32)
+    return np.concatenate([np.full((prob.shape[0], 1), target_weight, np.float32),
+                           np.clip(prob, 0, 1) ** gamma], axis=1)
 
 
 def pk_batches(labels: np.ndarray, ids_per_batch: int, sets_per_id: int,
@@ -134,10 +171,13 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
                 neighbourhoods: Neighbourhoods | None = None, progress: bool = True,
                 device: str | torch.device = "cpu") -> ORGNN:
     """Train an :class:`~orgnn.ORGNN` on ``train`` with Eq. 7 (seeded, reproducible)."""
-    config = config or TrainConfig()
+    config = resolve_theta(train, config or TrainConfig())
     if config.classifier_init not in CLASSIFIER_INITS:
         raise ValueError(f"classifier_init must be one of {CLASSIFIER_INITS}, got "
                          f"{config.classifier_init!r}")
+    if config.outlier_scorer not in OUTLIER_SCORERS:
+        raise ValueError(f"outlier_scorer must be one of {OUTLIER_SCORERS}, got "
+                         f"{config.outlier_scorer!r}")
     if config.recon_weight > 0 and train.clean_features is None:
         raise ValueError("recon_weight > 0 needs clean_features in the training split")
     torch.manual_seed(config.seed)
@@ -145,10 +185,18 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
     if neighbourhoods is None:
         neighbourhoods = train_neighbourhoods(train, config)
     _, labels = np.unique(train.pids, return_inverse=True)
+    scorer, weights = None, None
+    if config.outlier_aware and config.outlier_scorer == "learned":
+        scorer = fit_scorer(train, neighbourhoods, ScorerConfig(
+            stages=config.scorer_stages, steps=config.scorer_steps, gamma=config.scorer_gamma,
+            seed=config.seed))
+        prob, _ = score_split(scorer, train, neighbourhoods)
+        weights = prior_weights(prob, scorer.gamma)
     model = ORGNN(train.dim, config.hidden_channels or train.dim, train.num_parts,
                   config.num_layers, num_classes=int(labels.max()) + 1,
                   outlier_aware=config.outlier_aware, target_init=config.target_init,
-                  init=config.init).to(device)
+                  init=config.init, act=config.act, scorer=scorer).to(device)
+    model.train_config = config
     if not config.train_transform:
         for layer in model.layers:
             layer.weight.requires_grad_(False)
@@ -164,7 +212,8 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
     label_t = torch.from_numpy(labels.astype(np.int64))
     visible = torch.from_numpy(np.asarray(train.visible, dtype=bool))
     if config.classifier_init == "imprint":
-        imprint_classifier(model, features, neighbourhoods, train.visible, label_t, device)
+        imprint_classifier(model, features, neighbourhoods, train.visible, label_t, device,
+                           node_weight=weights)
     model.train()
     bar = tqdm(range(config.epochs), desc="train OR-GNN", disable=not progress, unit="epoch")
     for epoch in bar:
@@ -172,7 +221,8 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
         for batch in pk_batches(labels, config.ids_per_batch, config.sets_per_id, rng):
             x, mask = dense_neighbourhood_batch(features[batch], features,
                                                 neighbourhoods.index[batch], device)
-            out = model(x, mask, target_visible=visible[batch].to(device))
+            prior = None if weights is None else torch.from_numpy(weights[batch]).to(device)
+            out = model(x, mask, target_visible=visible[batch].to(device), node_weight=prior)
             loss = config.ce_weight * model.loss(out, label_t[batch].to(device))
             if config.recon_weight > 0:
                 target = clean[batch].to(device)
@@ -193,13 +243,14 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
 
 def imprint_classifier(model: ORGNN, features: np.ndarray, neighbourhoods: Neighbourhoods,
                        visible: np.ndarray, labels: torch.Tensor,
-                       device: str | torch.device = "cpu", chunk: int = 1024) -> None:
+                       device: str | torch.device = "cpu", chunk: int = 1024,
+                       node_weight: np.ndarray | None = None) -> None:
     """Imprint ``model``'s classifier from its outputs on every training neighbourhood
     (computed ``chunk`` graphs at a time, in eval mode)."""
     model.eval()
     with torch.no_grad():
         outputs = map_dense_batches(model, features, features, neighbourhoods.index, chunk,
-                                    device, target_visible=visible)
+                                    device, target_visible=visible, node_weight=node_weight)
     model.imprint_classifier(torch.from_numpy(outputs).to(device), labels.to(device))
 
 
@@ -220,7 +271,9 @@ def save_checkpoint(path: str | os.PathLike, model: ORGNN, config: TrainConfig) 
         "model": {"in_channels": model.in_channels, "hidden_channels": model.hidden_channels,
                   "num_parts": model.num_parts, "num_layers": model.num_layers,
                   "num_classes": model.num_classes, "outlier_aware": model.outlier_aware,
-                  "target_init": model.target_init, "init": model.init},
+                  "target_init": model.target_init, "init": model.init,
+                  "add_self_loops": model.add_self_loops, "act": model.act},
+        "scorer": None if model.scorer is None else model.scorer.config(),
         "config": _config_dict(config),
         "state_dict": model.state_dict(),
     }
@@ -249,10 +302,14 @@ def load_checkpoint(path: str | os.PathLike,
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()
            if k in fields}
-    model = ORGNN(**payload["model"]).to(device)
+    scorer_args = payload.get("scorer")
+    scorer = None if scorer_args is None else NeighbourScorer(**scorer_args)
+    model = ORGNN(**payload["model"], scorer=scorer).to(device)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
         raise CheckpointError(f"checkpoint {path}: weights do not fit the model "
                               f"({str(err).splitlines()[0][:160]})") from None
-    return model.eval(), TrainConfig(**raw)
+    config = TrainConfig(**raw)
+    model.train_config = config                   # its calibrated theta guides the search
+    return model.eval(), config

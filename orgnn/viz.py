@@ -38,7 +38,8 @@ from orgnn.pipeline import (
     average_reconstruct,
     oan_parts,
     part_distance,
-    reconstruct,
+    reconstruct_pair,
+    resolve_search,
     search_split,
 )
 from orgnn.search import Neighbourhoods
@@ -110,14 +111,12 @@ def prepare_model(train: PartFeatures | None = None, checkpoint: str | os.PathLi
         return load_checkpoint(checkpoint)[0]
     config = config or TrainConfig()
     config = TrainConfig(**{**config.__dict__, "outlier_aware": outlier_aware})
-    if config.epochs <= 0 or train is None:
-        if train is None and config.epochs > 0:
+    if train is None:
+        if config.epochs > 0:
             raise ValueError("prepare_model needs a training split or a checkpoint")
-        dim = train.dim if train is not None else 256
-        parts = train.num_parts if train is not None else 6
-        return ORGNN(dim, config.hidden_channels or dim, parts, config.num_layers,
+        return ORGNN(256, config.hidden_channels or 256, 6, config.num_layers,
                      outlier_aware=outlier_aware, target_init=config.target_init,
-                     init=config.init).eval()
+                     init=config.init, act=config.act).eval()
     return train_orgnn(train, config, progress=progress)
 
 
@@ -139,6 +138,12 @@ def row_distances(query: PartFeatures, gallery: PartFeatures, rows: Sequence[str
     search = search or SearchConfig()
     models = dict(models or {})
     wanted = set(rows)
+    if search.theta is None:
+        known = models.get("orgnn")
+        if known is None and train is not None and wanted & _MODEL_ROWS:
+            known = models["orgnn"] = prepare_model(train, config=train_config,
+                                                    progress=progress)
+        search = resolve_search(search, known, train)
     out: dict[str, np.ndarray] = {}
 
     def model_for(key: str) -> ORGNN:
@@ -182,21 +187,17 @@ def row_distances(query: PartFeatures, gallery: PartFeatures, rows: Sequence[str
                          q_nbrs.filter(_same_identity(q_nbrs, query.pids, gallery.pids)),
                          g_nbrs.filter(_same_identity(g_nbrs, gallery.pids, gallery.pids))))
         for name, key, qn, gn in runs:
-            model = model_for(key)
-            add(name, reconstruct(model, query.features, gallery.features, qn,
-                                  target_visibility=query.visibility),
-                reconstruct(model, gallery.features, gallery.features, gn,
-                            target_visibility=gallery.visibility))
+            add(name, *reconstruct_pair(model_for(key), query, gallery, qn, gn,
+                                        oracle=name == "upper_bound"))
     if "gnn" in wanted:
         model = model_for("orgnn")
         qn = search_split(query, gallery, search, same_split=False, all_parts=True)
         gn = search_split(gallery, gallery, search, same_split=True, all_parts=True)
-        hidden_q, hidden_g = np.zeros_like(query.visibility), np.zeros_like(gallery.visibility)
-        add("gnn", reconstruct(model, query.features, gallery.features, qn,
-                               target_visibility=hidden_q),       # no OAN: nothing visible
-            reconstruct(model, gallery.features, gallery.features, gn,
-                        target_visibility=hidden_g))
+        add("gnn", *reconstruct_pair(model, query, gallery, qn, gn, use_oan=False))
     return {name: out[name] for name in rows}
+
+
+_MODEL_ROWS = {"gnn", "oan_gnn", "orgnn", "orgnn_rr", "upper_bound"}
 
 
 def _same_identity(nbrs: Neighbourhoods, target_pids, gallery_pids) -> np.ndarray:
@@ -438,7 +439,7 @@ def plot_graph(out: str | os.PathLike, query: PartFeatures, gallery: PartFeature
     if not 0 <= query_index < query.num_images:
         raise ValueError(f"query index {query_index} out of range: the query split has "
                          f"{query.num_images} images")
-    search = search or SearchConfig()
+    search = resolve_search(search or SearchConfig(), model)
     target = query.subset([query_index])
     nbrs = search_split(target, gallery, search, same_split=False)
     x, mask = dense_neighbourhood_batch(target.features, gallery.features, nbrs.index)

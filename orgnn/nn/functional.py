@@ -94,6 +94,7 @@ def dense_orgnn_aggregate(
     outlier_aware: bool = True,
     add_self_loops: bool = False,
     rows: int | None = None,
+    node_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The normalised weighted sum of Eq. 5 (before :math:`\mathbf{W}` and ReLU) on padded
     complete graphs.
@@ -120,6 +121,9 @@ def dense_orgnn_aggregate(
         add_self_loops: let each node also receive its own message.
         rows: compute the output only for the first ``rows`` nodes (``R = rows``; the
             OR-GNN read-out needs only the target, row 0). ``None`` means all ``N``.
+        node_weight: ``(..., N)`` non-negative prior :math:`w_j` of each sender (e.g. a learned
+            "same identity as the target" probability); it multiplies :math:`c_j a_{ij}`.
+            ``None`` means :math:`w = 1`.
 
     Returns:
         ``(h, alpha)``: ``(..., R, F)`` aggregated features and ``(..., R, N)`` edge weights.
@@ -156,6 +160,8 @@ def dense_orgnn_aggregate(
         weight = affinity * dense_confidence(sq_norm, dot_total, valid).unsqueeze(-2)
     else:
         weight = affinity
+    if node_weight is not None:
+        weight = weight * node_weight.to(weight.dtype).unsqueeze(-2)
 
     # Normalise; a (numerically) zero denominator falls back to the plain mean over the edges.
     denom = weight.sum(-1, keepdim=True)

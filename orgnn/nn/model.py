@@ -16,8 +16,11 @@ from orgnn.nn.functional import (
     sparse_confidence,
     sparse_edge_weights,
 )
+from orgnn.nn.neighbour_scorer import NeighbourScorer
 
 INITS = ("identity", "glorot")
+#: The activation of Eq. 5: the paper's ReLU, or none (features with negative entries).
+ACTS = ("relu", "none")
 TARGET_INITS = ("mean", "self", "visible")
 
 
@@ -37,6 +40,10 @@ class PartwiseORGNNConv(torch.nn.Module):
         init (str, optional): ``"identity"`` (:math:`\mathbf{W} = I`, :math:`V = 0`,
             :math:`b = 0`: the untrained layer is the confidence-weighted mean) or
             ``"glorot"`` (PyG's default). (default: :obj:`"identity"`)
+        add_self_loops (bool, optional): let each node also receive its own message.
+            (default: :obj:`False`)
+        act (str, optional): ``"relu"`` (Eq. 5's :math:`\phi`) or ``"none"``.
+            (default: :obj:`"relu"`)
 
     Shapes:
         - **dense input:** :math:`(M, B, N, F_{in})`, valid :math:`(M \text{ or } 1, B, N)`
@@ -45,16 +52,21 @@ class PartwiseORGNNConv(torch.nn.Module):
     """
 
     def __init__(self, num_parts: int, in_channels: int, out_channels: int,
-                 outlier_aware: bool = True, init: str = "identity") -> None:
+                 outlier_aware: bool = True, init: str = "identity",
+                 add_self_loops: bool = False, act: str = "relu") -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if act not in ACTS:
+            raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+        self.act = act
         if init == "identity" and in_channels != out_channels:
             raise ValueError("init='identity' needs in_channels == out_channels, got "
                              f"{in_channels} and {out_channels}")
         self.num_parts, self.in_channels, self.out_channels = num_parts, in_channels, out_channels
         self.outlier_aware = outlier_aware
         self.init = init
+        self.add_self_loops = add_self_loops
         self.weight = torch.nn.Parameter(torch.empty(num_parts, out_channels, in_channels))
         self.bias = torch.nn.Parameter(torch.empty(num_parts, out_channels))
         self.att_weight = torch.nn.Parameter(torch.empty(num_parts, in_channels))
@@ -76,22 +88,25 @@ class PartwiseORGNNConv(torch.nn.Module):
             self.att_weight.uniform_(-att_bound, att_bound)
 
     def _transform(self, h: Tensor) -> Tensor:
-        """``ReLU(W_k h + bias_k)`` for ``h`` of shape ``(M, ..., F_in)``."""
+        """``act(W_k h + bias_k)`` for ``h`` of shape ``(M, ..., F_in)``."""
         lead = h.shape[1:-1]
         flat = h.reshape(self.num_parts, -1, self.in_channels)
         out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
-        return F.relu(out, inplace=not torch.is_grad_enabled()).view(
-            self.num_parts, *lead, self.out_channels)
+        if self.act == "relu":
+            out = F.relu(out, inplace=not torch.is_grad_enabled())
+        return out.view(self.num_parts, *lead, self.out_channels)
 
     def dense(self, x: Tensor, valid: Tensor, rows: int | None = None,
-              zero_padded: bool = True) -> Tensor:
+              zero_padded: bool = True, node_weight: Tensor | None = None) -> Tensor:
         """Dense forward on ``(M, B, N, F)``; returns ``(M, B, R, F_out)`` (``R = rows``).
         ``zero_padded=False`` leaves padded rows unspecified (finite): a following layer
-        ignores them anyway, and skipping the mask saves a full pass."""
+        ignores them anyway, and skipping the mask saves a full pass. ``node_weight``
+        ``(M or 1, B, N)`` is a prior per sender that multiplies :math:`c_j a_{ij}`."""
         m = self.num_parts
         h, _ = dense_orgnn_aggregate(
             x, valid, self.att_weight.view(m, 1, 1, -1), self.att_bias.view(m, 1, 1, 1),
-            outlier_aware=self.outlier_aware, rows=rows)
+            outlier_aware=self.outlier_aware, add_self_loops=self.add_self_loops, rows=rows,
+            node_weight=node_weight)
         out = self._transform(h)
         if zero_padded:
             out = out * valid[..., :h.size(-2)].unsqueeze(-1).to(x.dtype)
@@ -117,7 +132,9 @@ class PartwiseORGNNConv(torch.nn.Module):
     def part(self, k: int) -> DenseORGNNConv:
         """Part ``k`` as a stand-alone :class:`DenseORGNNConv` (a copy of its weights)."""
         conv = DenseORGNNConv(self.in_channels, self.out_channels,
-                              outlier_aware=self.outlier_aware)
+                              outlier_aware=self.outlier_aware,
+                              add_self_loops=self.add_self_loops,
+                              act=None if self.act == "none" else "relu")
         conv.load_state_dict({"lin.weight": self.weight[k], "lin.bias": self.bias[k],
                               "att.weight": self.att_weight[k].view(1, -1),
                               "att.bias": self.att_bias[k].view(1)})
@@ -142,6 +159,12 @@ class ORGNN(torch.nn.Module):
     neighbours' mean on the hidden ones (``"visible"``). The last layer computes only the
     target's row, so :math:`\mathbf{W}` is applied to one row per graph instead of ``N``.
 
+    A ``node_weight`` :math:`w_j` per node (for instance the learned probability that
+    neighbour :math:`j` shares the target's identity, :mod:`orgnn.outliers`) multiplies the
+    outlier confidence in every layer, :math:`c_j a_{ij} \to w_j c_j a_{ij}`, and weights
+    the neighbours' mean the target starts from. With ``outlier_aware=False`` it is ignored,
+    as Eq. 4 is (the ``oan_gnn`` row).
+
     Args:
         in_channels (int): Part feature size. (default: :obj:`256`)
         hidden_channels (int): Size after each layer. (default: :obj:`256`)
@@ -152,6 +175,12 @@ class ORGNN(torch.nn.Module):
         target_init (str): ``"mean"``, ``"self"`` or ``"visible"``. (default: :obj:`"mean"`)
         init (str): ``"identity"`` or ``"glorot"``, see :class:`PartwiseORGNNConv`.
             (default: :obj:`"identity"`)
+        add_self_loops (bool): every node also receives its own message, so the target's
+            own (weighted) feature takes part in its read-out. (default: :obj:`False`)
+        act (str): ``"relu"`` (the paper's Eq. 5) or ``"none"``, for features with negative
+            entries, which a ReLU would halve. (default: :obj:`"relu"`)
+        scorer (NeighbourScorer, optional): the learned outlier scorer that goes with this
+            model (:mod:`orgnn.outliers`); kept here so that one checkpoint carries both.
 
     Shapes:
         - **input:** dense neighbourhoods :math:`(B, M, N, F)` with node 0 the target and a
@@ -170,6 +199,9 @@ class ORGNN(torch.nn.Module):
         outlier_aware: bool = True,
         target_init: str = "mean",
         init: str = "identity",
+        add_self_loops: bool = False,
+        act: str = "relu",
+        scorer: NeighbourScorer | None = None,
     ) -> None:
         super().__init__()
         if target_init not in TARGET_INITS:
@@ -180,10 +212,13 @@ class ORGNN(torch.nn.Module):
         self.num_parts, self.num_layers = num_parts, num_layers
         self.num_classes = num_classes
         self.outlier_aware, self.target_init, self.init = outlier_aware, target_init, init
+        self.add_self_loops, self.act = add_self_loops, act
         dims = [in_channels] + [hidden_channels] * num_layers
         self.layers = torch.nn.ModuleList(
-            PartwiseORGNNConv(num_parts, dims[t], dims[t + 1], outlier_aware, init)
+            PartwiseORGNNConv(num_parts, dims[t], dims[t + 1], outlier_aware, init,
+                              add_self_loops, act)
             for t in range(num_layers))
+        self.scorer = scorer
         if num_classes is not None:
             self.bn = torch.nn.BatchNorm1d(num_parts * hidden_channels)
             self.bn.bias.requires_grad_(False)  # BNNeck
@@ -191,19 +226,26 @@ class ORGNN(torch.nn.Module):
                 torch.randn(num_parts, num_classes, hidden_channels) * 1e-3)
 
     def forward(self, x: Tensor | Batch, mask: Tensor | None = None,
-                target_visible: Tensor | None = None) -> Tensor:
+                target_visible: Tensor | None = None,
+                node_weight: Tensor | None = None) -> Tensor:
+        r"""Reconstruct each graph's target. ``node_weight`` ``(B, N)`` or ``(B, M, N)``
+        (dense input only) is the prior :math:`w_j \ge 0` of each node."""
         if self.target_init == "visible" and target_visible is None:
             target_visible = getattr(x, "target_visible", None) if isinstance(x, Data) else None
             if target_visible is None:
                 raise ValueError("ORGNN(target_init='visible') needs target_visible, the (B, M) "
                                  "bool visibility of each graph's target")
         if isinstance(x, Data):
+            if node_weight is not None or self.add_self_loops:
+                raise ValueError("ORGNN: node_weight and add_self_loops=True take dense "
+                                 "neighbourhood batches (B, M, N, F), not a PyG Batch")
             return self._forward_sparse(x, target_visible)
-        return self._forward_dense(x, mask, target_visible)
+        return self._forward_dense(x, mask, target_visible, node_weight)
 
     # ----------------------------------------------------------------------------------
     def _forward_dense(self, x: Tensor, mask: Tensor | None,
-                       target_visible: Tensor | None = None) -> Tensor:
+                       target_visible: Tensor | None = None,
+                       node_weight: Tensor | None = None) -> Tensor:
         if _checks.checks_enabled():
             _checks.check_features(x, self.in_channels, "ORGNN", rank=(4,))
             if x.size(1) != self.num_parts:
@@ -218,27 +260,37 @@ class ORGNN(torch.nn.Module):
         valid = mask if mask.dim() == 3 else mask.unsqueeze(1)
         valid = valid.transpose(0, 1).to(x.dtype)                     # (M or 1, B, N)
         valid = torch.cat([torch.ones_like(valid[..., :1]), valid[..., 1:]], dim=-1)
+        prior = None
+        if node_weight is not None and self.outlier_aware:
+            if _checks.checks_enabled() and tuple(node_weight.shape) not in ((b, n), (b, m, n)):
+                raise ValueError(f"ORGNN: node_weight must have shape {(b, n)} or {(b, m, n)} "
+                                 f"to match x, got {tuple(node_weight.shape)}")
+            prior = node_weight if node_weight.dim() == 3 else node_weight.unsqueeze(1)
+            prior = prior.transpose(0, 1).to(x.dtype).clamp_min(0)     # (M or 1, B, N)
         # (M, B, N, F); free when x is a transposed view of an (M, B, N, F) buffer, as the
         # batches of orgnn.graphs are.
-        h = self.start_targets(x.transpose(0, 1), valid, target_visible)
+        h = self.start_targets(x.transpose(0, 1), valid, target_visible, prior)
         for layer in self.layers[:-1]:
-            h = layer.dense(h, valid, zero_padded=False)
-        out = self.layers[-1].dense(h, valid, rows=1)                 # target row only
+            h = layer.dense(h, valid, zero_padded=False, node_weight=prior)
+        out = self.layers[-1].dense(h, valid, rows=1, node_weight=prior)  # target row only
         return out.squeeze(2).transpose(0, 1)                         # (B, M, F)
 
     def start_targets(self, h: Tensor, valid: Tensor,
-                      target_visible: Tensor | None = None) -> Tensor:
+                      target_visible: Tensor | None = None,
+                      node_weight: Tensor | None = None) -> Tensor:
         """The graphs with each target (node 0) started as ``target_init`` says.
 
         Args:
             h: part-major graphs ``(M, B, N, F)``, node 0 holding the image's own feature.
             valid: ``(M or 1, B, N)`` 0/1 node mask.
             target_visible: ``(B, M)`` bool, for ``target_init="visible"``.
+            node_weight: ``(M or 1, B, N)`` prior weights of the neighbours' mean.
         """
         if self.target_init == "self":
             return h
         h = h.clone(memory_format=torch.contiguous_format)
-        start = self._neighbour_mean(h, valid)
+        weights = valid if node_weight is None else valid * node_weight
+        start = self._neighbour_mean(h, weights)
         if self.target_init == "visible":
             keep = target_visible.to(torch.bool).transpose(0, 1).unsqueeze(-1)  # (M, B, 1)
             start = torch.where(keep, h[:, :, 0], start)
@@ -247,10 +299,11 @@ class ORGNN(torch.nn.Module):
 
     @staticmethod
     def _neighbour_mean(h: Tensor, valid: Tensor) -> Tensor:
-        """Mean of the valid neighbours (nodes 1..), or the node itself without any."""
+        """(Weighted) mean of the valid neighbours (nodes 1..), or the node itself when
+        their weights sum to zero."""
         weights = valid[..., 1:].unsqueeze(-2)                        # (M|1, B, 1, N-1)
         count = weights.sum(-1)
-        mean = (weights @ h[:, :, 1:]).squeeze(-2) / count.clamp_min(1)
+        mean = (weights @ h[:, :, 1:]).squeeze(-2) / torch.where(count > 0, count, 1)
         return torch.where(count > 0, mean, h[:, :, 0])
 
     def _forward_sparse(self, batch: Data, target_visible: Tensor | None = None) -> Tensor:
