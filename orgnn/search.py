@@ -419,15 +419,18 @@ def _faiss_index(gallery: np.ndarray, part: int | None, spec: _IndexSpec) -> fai
     """A faiss inner-product index over the gallery vectors, filled chunk by chunk."""
     ng, m, d = gallery.shape
     dim = m * d if part is None else d
-    rows = spec.chunk(gallery)
+    # 64 MiB chunks: adding to an IVF-PQ index holds several float32 copies of a chunk
+    # (normalised vectors, residuals), so the chunk, not the gallery, sets the peak.
+    rows = spec.gallery_chunk or chunk_rows(gallery, 64 * 1024 * 1024)
     if spec.kind == "flat":
         idx = faiss.IndexFlatIP(dim)
     else:
         n_train = min(ng, max(TRAIN_POINTS_PER_LIST * spec.nlist,
                               PQ_TRAIN_POINTS if spec.kind == "ivfpq" else 0))
         pick = np.sort(np.random.default_rng(1234).choice(ng, n_train, replace=False))
-        train = np.concatenate([_gallery_vectors(np.asarray(gallery[pick[s:s + rows]]), part)
-                                for s in range(0, n_train, rows)])
+        train = np.empty((n_train, dim), dtype=np.float32)
+        for s in range(0, n_train, rows):
+            train[s:s + rows] = _gallery_vectors(np.asarray(gallery[pick[s:s + rows]]), part)
         release_rows(gallery, 0, ng)
         if spec.kind == "ivf":
             idx = faiss.IndexIVFFlat(_quantizer(dim, spec.nlist), dim, spec.nlist,
