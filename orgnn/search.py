@@ -65,7 +65,7 @@ import faiss
 import numpy as np
 import torch
 
-from orgnn.storage import chunk_rows, iter_rows, release_rows
+from orgnn.storage import chunk_rows, iter_rows, release_rows, take_rows
 
 __all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods", "resolve_nprobe"]
 
@@ -430,8 +430,7 @@ def _faiss_index(gallery: np.ndarray, part: int | None, spec: _IndexSpec) -> fai
         pick = np.sort(np.random.default_rng(1234).choice(ng, n_train, replace=False))
         train = np.empty((n_train, dim), dtype=np.float32)
         for s in range(0, n_train, rows):
-            train[s:s + rows] = _gallery_vectors(np.asarray(gallery[pick[s:s + rows]]), part)
-        release_rows(gallery, 0, ng)
+            train[s:s + rows] = _gallery_vectors(take_rows(gallery, pick[s:s + rows]), part)
         if spec.kind == "ivf":
             idx = faiss.IndexIVFFlat(_quantizer(dim, spec.nlist), dim, spec.nlist,
                                      faiss.METRIC_INNER_PRODUCT)
@@ -568,13 +567,14 @@ def _cosines(q: np.ndarray, gallery: np.ndarray, ids: np.ndarray,
     ``(b, c, M)`` per part, or ``(b, c)`` for one ``part``. Each value is one dot product and
     two norms over ``D`` (``einsum``), so it never depends on the other rows of the batch."""
     b, c = ids.shape
-    width = gallery.shape[2] * (gallery.shape[1] if part is None else 1)
+    width = gallery.shape[1] * gallery.shape[2]  # whole rows are gathered, then the part
     step = max(1, RESCORE_BYTES // (4 * max(1, c) * width))
     out = np.empty((b, c) + ((gallery.shape[1],) if part is None else ()), dtype=np.float64)
     for s in range(0, b, step):
         sub = np.clip(ids[s:s + step], 0, None)
         qq = np.asarray(q[s:s + step] if part is None else q[s:s + step, part], np.float32)
-        gg = np.asarray(gallery[sub] if part is None else gallery[sub, part], np.float32)
+        gg = take_rows(gallery, sub)
+        gg = np.asarray(gg if part is None else gg[:, :, part], np.float32)
         dot = np.einsum("bc...d,b...d->bc...", gg, qq)
         norm = (np.sqrt(np.einsum("bc...d,bc...d->bc...", gg, gg))
                 * np.sqrt(np.einsum("b...d,b...d->b...", qq, qq))[:, None])

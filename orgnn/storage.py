@@ -12,6 +12,8 @@ than the memory of most machines. Three helpers keep such arrays on disk:
   memory-mapped it hands each chunk's pages back to the page cache after use
   (``madvise(MADV_DONTNEED)``), so one pass over a 31 GB file keeps only one chunk resident in
   the process.
+* :func:`take_rows` gathers scattered rows (neighbours, candidates, a training sample) from
+  a map a few thousand at a time, without read-ahead, handing the pages back after each;
 * :func:`load_part_features_mapped` reads a part-feature file (:mod:`orgnn.features`) with
   its ``features`` mapped in place and checked chunk by chunk;
 * :func:`open_npy` creates a ``.npy`` file of a given shape and maps it writable, for
@@ -30,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["map_npz_member", "load_part_features_mapped", "iter_rows", "release_rows",
-           "open_npy", "is_mapped"]
+__all__ = ["map_npz_member", "load_part_features_mapped", "iter_rows", "take_rows",
+           "release_rows", "open_npy", "is_mapped"]
 
 #: Rows per chunk of :func:`iter_rows` when not given: about 64 MiB of float32 per chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
+#: Scattered rows :func:`take_rows` reads from a memory map before handing the pages back.
+TAKE_ROWS = 1024
 
 
 def map_npz_member(path: str | os.PathLike, key: str) -> np.memmap:
@@ -111,6 +115,32 @@ def release_rows(x: np.ndarray, start: int, stop: int) -> None:
     lo, hi = (lo // page) * page, min(len(mm), -(-hi // page) * page)
     if hi > lo:
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _advise(x: np.ndarray, advice: int) -> None:
+    mm = _mmap_of(x)
+    if mm is not None and hasattr(mm, "madvise"):
+        mm.madvise(advice)
+
+
+def take_rows(x: np.ndarray, index: np.ndarray, rows: int = TAKE_ROWS) -> np.ndarray:
+    """``x[index]`` for an integer ``index`` of any shape. From a memory map the rows are read
+    ``rows`` at a time without read-ahead (``MADV_RANDOM``), and each batch's pages are handed
+    back before the next: scattered rows of a 30 GB file would otherwise leave every page the
+    kernel read around them in the process' resident set."""
+    index = np.asarray(index)
+    if _mmap_of(x) is None:
+        return np.asarray(x[index])
+    flat = index.reshape(-1)
+    out = np.empty((flat.size,) + x.shape[1:], dtype=x.dtype)
+    _advise(x, mmap.MADV_RANDOM)
+    try:
+        for start in range(0, flat.size, rows):
+            out[start:start + rows] = x[flat[start:start + rows]]
+            release_rows(x, 0, x.shape[0])
+    finally:
+        _advise(x, mmap.MADV_NORMAL)
+    return out.reshape(index.shape + x.shape[1:])
 
 
 def chunk_rows(x: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> int:
