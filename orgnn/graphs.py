@@ -26,6 +26,7 @@ from torch_geometric.data import Batch
 from tqdm.auto import tqdm
 
 from orgnn.features import VISIBLE_THRESHOLD
+from orgnn.storage import take_rows
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -67,7 +68,8 @@ def dense_neighbourhood_batch(
         neighbours = _as_tensor(gathered, target_t.device)
     else:  # gather in numpy first: only B * K rows travel to the device
         rows = np.clip(index_t.cpu().numpy(), 0, None)
-        neighbours = _as_tensor(gallery[rows], target_t.device)          # (B, K, M, D)
+        # (B, K, M, D); from a memory-mapped gallery without read-ahead, pages handed back
+        neighbours = _as_tensor(take_rows(gallery, rows), target_t.device)
     neighbours = torch.where(valid[..., None, None], neighbours, 0.0)
     # Empty neighbourhood: the image itself is its only neighbour.
     neighbours[:, 0] = torch.where(empty[:, None, None], target_t, neighbours[:, 0])
