@@ -49,11 +49,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "gamma=8": ({}, {"scorer_gamma": 8.0}),
     "1 scorer stage": ({}, {"scorer_stages": 1}),
     "2 scorer stages": ({}, {"scorer_stages": 2}),
-    "theta quantile 0.10": ({}, {"theta_quantile": 0.10}),
     "1 epoch of Eq. 7": ({}, {"epochs": 1}),
-    "5 epochs of Eq. 7": ({}, {"epochs": 5}),
     "act=relu (paper)": ({}, {"act": "relu"}),
-    "target_init=mean (paper)": ({}, {"target_init": "mean"}),
     "no scorer (Eq. 4 alone)": ({}, {"outlier_scorer": "none"}),
 }
 

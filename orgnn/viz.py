@@ -138,7 +138,7 @@ def row_distances(query: PartFeatures, gallery: PartFeatures, rows: Sequence[str
     search = search or SearchConfig()
     models = dict(models or {})
     wanted = set(rows)
-    if search.theta is None:
+    if search.theta is None and wanted & (_MODEL_ROWS | {"avg"}):
         known = models.get("orgnn")
         if known is None and train is not None and wanted & _MODEL_ROWS:
             known = models["orgnn"] = prepare_model(train, config=train_config,

@@ -142,7 +142,9 @@ def _splits(args: argparse.Namespace, need_train: bool) -> dict:
 
 
 def _needs_train(args: argparse.Namespace) -> bool:
-    return not args.checkpoint and args.epochs > 0
+    # Without a checkpoint the model is trained (its outlier scorer and threshold at least,
+    # even with --epochs 0), and only ever on the training split.
+    return not args.checkpoint
 
 
 def _models(args: argparse.Namespace, splits: dict, keys=("orgnn",)) -> dict:
@@ -151,8 +153,6 @@ def _models(args: argparse.Namespace, splits: dict, keys=("orgnn",)) -> dict:
 
     config = _configs(args).train
     train = splits.get("train")
-    if train is None and config.epochs <= 0:
-        train = splits["query"]  # only its shape is used: the model is not trained
     out = {}
     for key in keys:
         if key == "orgnn" and args.checkpoint:
@@ -249,8 +249,10 @@ def _show_graph(args: argparse.Namespace) -> int:
 
     splits = _splits(args, need_train=_needs_train(args))
     query, gallery = splits["query"], splits["gallery"]
+    from orgnn.pipeline import resolve_search
+
     model = _models(args, splits)["orgnn"]
-    search = _configs(args).search
+    search = resolve_search(_configs(args).search, model, splits.get("train"))
     index = args.query_index
     if index is None:
         index = _first_interesting(query, gallery, search)

@@ -55,8 +55,9 @@ def _cases(s) -> list[tuple[list[str], list[str]]]:
     ablation = ["ablation", "--data", d, "--json", str(o / "ev.json")]
     show = ["show-ranks", "--data", d, "--out", str(o / "fig.png")]
     return [
-        (train + ["--epochs", "-1"], ["--epochs", ">= 1", "-1"]),
-        (train + ["--epochs", "0"], ["--epochs"]),
+        (train + ["--epochs", "-1"], ["--epochs", ">= 0", "-1"]),
+        (train + ["--scorer-stages", "0"], ["--scorer-stages"]),
+        (ablation + ["--validation-split", "1"], ["--validation-split"]),
         (ablation + ["--train-k", "0"], ["--train-k"]),
         (rec + ["--k", "0"], ["--k"]),
         (ablation + ["--theta", "1.5"], ["--theta", "[-1.0, 1.0]"]),
