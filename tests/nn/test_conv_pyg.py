@@ -507,6 +507,11 @@ def test_meta_device_forward():
         assert dense(torch.empty(4, 5, 8), mask=torch.empty(5)).shape == (4, 5, 16)
         assert model(torch.empty(2, 3, 6, 8), torch.empty(2, 6, dtype=torch.bool)).shape == (
             2, 3, 8)
+        # the sparse route, on a batch built by hand (PyG's collate reads values)
+        from torch_geometric.data import Data
+        batch = Data(x=torch.empty(12, 3, 8), edge_index=torch.empty(2, 60, dtype=torch.long),
+                     batch=torch.empty(12, dtype=torch.long), ptr=torch.empty(3, dtype=torch.long))
+        assert model(batch).shape == (2, 3, 8)
         # lazy sizes on meta (built there: moving an uninitialised parameter empties it)
         assert ORGNNConv(-1, 4)(x, ei).shape == (5, 4)
         assert DenseORGNNConv(-1, 4)(torch.empty(2, 5, 8)).shape == (2, 5, 4)
