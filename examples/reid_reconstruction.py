@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                         help="use the synthetic world even when real data is present")
     parser.add_argument("--epochs", type=int, default=0,
                         help="epochs of Eq. 7 after the outlier scorer (default 0)")
-    parser.add_argument("--k", type=int, default=20, help="inference neighbourhood size")
+    parser.add_argument("--k", type=int, default=30, help="inference neighbourhood size")
     parser.add_argument("--theta", type=float, default=None,
                         help="similarity threshold (default: calibrated on the training split)")
     parser.add_argument("--tiny", action="store_true",

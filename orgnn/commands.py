@@ -112,8 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------
 def _add_search_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("neighbourhood search (inference)")
-    g.add_argument("--k", type=int_range(1), default=20,
-                   help="neighbourhood size K, >= 1 (default 20; more than the gallery's "
+    g.add_argument("--k", type=int_range(1), default=30,
+                   help="neighbourhood size K, >= 1 (default 30; more than the gallery's "
                         "images is lowered to that number, with a note)")
     g.add_argument("--theta", type=float_range(-1.0, 1.0), default=None,
                    help="similarity threshold in [-1, 1] (default: calibrated on the "
@@ -136,9 +136,9 @@ def _add_train_options(p: argparse.ArgumentParser, min_epochs: int = 0) -> None:
                    help=f"epochs of Eq. 7 after the outlier scorer is trained, >= {min_epochs} "
                         f"(default {DEFAULT_EPOCHS}, measured best on held-out training "
                         "identities; the paper uses 120, the step schedule is scaled)")
-    g.add_argument("--train-k", type=int_range(1), default=20,
-                   help="training neighbourhood size K, >= 1 (default 20, the inference K; "
-                        "the paper uses 30)")
+    g.add_argument("--train-k", type=int_range(1), default=30,
+                   help="training neighbourhood size K, >= 1 (default 30, the inference K, "
+                        "as in the paper)")
     g.add_argument("--train-theta", type=float_range(-1.0, 1.0), default=None,
                    help="training similarity threshold in [-1, 1] (default: calibrated on "
                         "the training split; the paper uses 0.7)")

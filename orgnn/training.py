@@ -68,7 +68,7 @@ class SearchConfig:
     """How neighbourhoods are searched (SPEC §3). ``theta=None``: the threshold calibrated
     on the training split (the one the model was trained with)."""
 
-    k: int = 20
+    k: int = 30
     theta: float | None = None
     mode: str = "visible-mean"
     upper_body_parts: tuple[int, ...] | None = (0, 1)
@@ -88,7 +88,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     ids_per_batch: int = 16
     sets_per_id: int = 4
-    k: int = 20                               # the inference K (the paper trains with 30)
+    k: int = 30                               # the inference K (validation; the paper's)
     theta: float | None = None                # None: calibrated on the training split
     theta_quantile: float = DEFAULT_QUANTILE
     mode: str = "visible-mean"
