@@ -46,7 +46,7 @@ from orgnn.features import PartFeatures
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
 from orgnn.search import Neighbourhoods
 
-__all__ = ["ScorerConfig", "NeighbourScorer", "edge_features", "context_features",
+__all__ = ["ScorerConfig", "edge_features", "context_features",
            "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction"]
 
 @dataclass
@@ -340,8 +340,9 @@ def _fit_stage(scorer: NeighbourScorer, stage: int, features: np.ndarray, labels
 
 def fit_scorer(train: PartFeatures, nbrs: Neighbourhoods, config: ScorerConfig | None = None,
                chunk_size: int = 1024) -> NeighbourScorer:
-    """Train a :class:`NeighbourScorer` on the training split's own neighbourhoods
-    ``nbrs`` (each image searched in the split, itself excluded), stage by stage; stage
+    """Train a :class:`~orgnn.nn.neighbour_scorer.NeighbourScorer` on the training split's
+    own neighbourhoods ``nbrs`` (each image searched in the split, itself excluded), stage
+    by stage; stage
     ``s`` learns from stage ``s - 1``'s probabilities on the same neighbourhoods."""
     config = config or ScorerConfig()
     if len(np.unique(train.pids)) < 2:
