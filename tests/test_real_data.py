@@ -38,10 +38,10 @@ def test_orgnn_recovers_the_clean_map(mars):
     config = AblationConfig(train=TrainConfig(epochs=DEFAULT_EPOCHS))
     result = run_ablation(mars["occluded"], config, rows=("avg", "orgnn"), progress=False)
     # The threshold calibrated on 16 training identities sits above 0.7 here (high cosines):
-    # a few queries keep no neighbour (63 of 898 measured), far from the warning's quarter.
+    # a few queries keep no neighbour (55 of 898 measured), far from the warning's quarter.
     assert result.empty_neighbourhoods["query"] < 0.1 * mars["occluded"]["query"].num_images
     assert result.rows["orgnn"]["mAP"] >= 60.2                  # the clean baseline's mAP
-    assert result.rows["orgnn"]["mAP"] >= result.rows["avg"]["mAP"]     # 61.5 vs 59.0
+    assert result.rows["orgnn"]["mAP"] >= result.rows["avg"]["mAP"]     # 62.2 vs 59.6
 
 
 def test_other_protocols_are_built_as_documented(mars):
