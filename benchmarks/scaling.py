@@ -327,7 +327,7 @@ def torchrun_row(args: argparse.Namespace) -> dict[str, Any]:
     for nproc in (1, 2):
         out = work / f"out{nproc}"
         cli = ["-m", "orgnn.cli", "reconstruct", "--data", str(data), "--checkpoint",
-               str(ckpt), "--out", str(out), "--quiet"]
+               str(ckpt), "--out", str(out), "--theta", "0.7", "--quiet"]
         if nproc == 1:
             cmd = [sys.executable, *cli]
         else:
