@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from orgnn.features import PartFeatures
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
 from orgnn.search import Neighbourhoods
+from orgnn.search import _normalise as _unit  # L2 per part; zero vectors stay zero
 
 __all__ = ["ScorerConfig", "edge_features", "context_features",
            "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction"]
@@ -94,12 +95,6 @@ class ScorerConfig:
 # --------------------------------------------------------------------------------------
 # Features
 # --------------------------------------------------------------------------------------
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norm > 0, norm, 1.0)
-
-
 def kth_neighbour_similarity(gallery: np.ndarray, k: int) -> np.ndarray:
     """``(G, M)``: per part, each gallery item's cosine to its ``k``-th nearest *other*
     gallery item (exact faiss search per part; the item itself excluded)."""

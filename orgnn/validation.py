@@ -47,21 +47,20 @@ def validation_split(train: PartFeatures, fraction: float = 0.25, seed: int = 0,
     in_held = np.isin(pids, held)
 
     rows = np.flatnonzero(in_held)
+    group = np.unique(pids[rows], return_inverse=True)[1]            # identity of each row
     occluded = ~train.visible[rows].all(axis=1)
-    # Each held-out identity's query camera: drawn among its cameras, seeded.
+    cams = camids[rows]
     key = rng.random(len(rows))
-    order = np.lexsort((key, pids[rows]))                     # by identity, shuffled within
-    rows, occluded = rows[order], occluded[order]
-    first = np.flatnonzero(np.r_[True, pids[rows][1:] != pids[rows][:-1]])
-    query_cam = dict(zip(pids[rows[first]].tolist(), camids[rows[first]].tolist()))
-    in_cam = camids[rows] == np.array([query_cam[int(p)] for p in pids[rows]])
-    # Rank the query camera's images of an identity: occluded first, then at random.
-    rank_key = np.lexsort((key[order], ~occluded, ~in_cam, pids[rows]))
-    ranked = rows[rank_key]
-    starts = np.r_[0, np.flatnonzero(pids[ranked][1:] != pids[ranked][:-1]) + 1]
+    # Each held-out identity's query camera: that of one of its images drawn at random.
+    by_key = np.lexsort((key, group))
+    first = by_key[np.r_[True, group[by_key][1:] != group[by_key][:-1]]]
+    in_cam = cams == cams[first][group]
+    # Within an identity: the query camera's images first, occluded ones first, then random.
+    ranked = np.lexsort((key, ~occluded, ~in_cam, group))
+    starts = np.flatnonzero(np.r_[True, group[ranked][1:] != group[ranked][:-1]])
     position = np.arange(len(ranked)) - np.repeat(starts, np.diff(np.r_[starts, len(ranked)]))
-    cam_ok = camids[ranked] == np.array([query_cam[int(p)] for p in pids[ranked]])
-    is_query = (position < queries_per_id) & cam_ok
+    is_query = (position < queries_per_id) & in_cam[ranked]
+    ranked = rows[ranked]
     query_rows = np.sort(ranked[is_query])
     gallery_rows = np.sort(ranked[~is_query])
     return {"train": train.subset(np.flatnonzero(~in_held)),
