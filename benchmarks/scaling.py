@@ -332,7 +332,7 @@ def torchrun_row(args: argparse.Namespace) -> dict[str, Any]:
             cmd = [sys.executable, *cli]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={nproc}", *cli[1:]]
+                   f"--nproc-per-node={nproc}", *cli]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=_common.REPO, env=env, capture_output=True, text=True)
         row[f"wall_s_{nproc}"] = time.perf_counter() - t0

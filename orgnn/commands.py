@@ -80,8 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reconstruct", help="write reconstructed query/gallery part-feature files",
         description="Search each query's and gallery image's neighbourhood in DIR/gallery.npz, "
                     "reconstruct its parts with a trained OR-GNN and write OUT/query.npz and "
-                    "OUT/gallery.npz (every part visible). OUT is replaced as a whole, in one "
-                    "swap: it is always either the old folder or the complete new one.")
+                    "OUT/gallery.npz (every part visible; features in the input's float32 or "
+                    "float16). OUT is replaced as a whole, in one swap: it is always either "
+                    "the old folder or the complete new one.")
     rec.add_argument("--data", required=True, metavar="DIR", type=input_dir,
                      help="folder with query.npz and gallery.npz")
     rec.add_argument("--checkpoint", required=True, metavar="CKPT", type=input_file,
@@ -90,6 +91,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="output folder (query.npz, gallery.npz); other files already in "
                           "it are kept")
     _add_search_options(rec)
+    rec.add_argument("--map", default="auto", choices=["auto", "always", "never"],
+                     help="memory-map the input features instead of reading them: auto "
+                          "(default) for uncompressed files of 1 GiB or more; see "
+                          "docs/scale.md")
     rec.add_argument("--quiet", action="store_true", help="no progress bars")
     rec.set_defaults(func=_reconstruct)
 
@@ -395,7 +400,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
                          f"gallery.npz would be replaced by reconstructions; name another "
                          f"folder")
     model, _ = load_checkpoint(args.checkpoint)
-    splits = load_split_dir(args.data, splits=("query", "gallery"))
+    splits = load_split_dir(args.data, splits=("query", "gallery"),
+                            mapped={"auto": None, "always": True, "never": False}[args.map])
     where = _data_prefix(args.data)
     for name, pf in splits.items():
         check_checkpoint(model, args.checkpoint, pf, f"{where}{name}.npz")
@@ -409,18 +415,13 @@ def _reconstruct(args: argparse.Namespace) -> int:
     batch = graph_batch_size(cfg.k, gallery.num_parts, gallery.dim,
                              getattr(model, "hidden_channels", None))
     out = {}
-    split_reconstruction = getattr(pipeline, "reconstruct_split", None)
-    for name, target in splits.items():
-        if split_reconstruction is not None:  # search, the model's own weighting, rebuild
-            feats, nbrs = split_reconstruction(
-                model, target, gallery, cfg, same_split=name == "gallery", batch_size=batch,
-                device=group.device or "cpu", progress=not args.quiet and main)
-        else:
-            nbrs = pipeline.search_split(target, gallery, cfg, same_split=name == "gallery")
-            feats = pipeline.reconstruct(model, target.features, gallery.features, nbrs,
-                                         batch_size=batch, device=group.device or "cpu",
-                                         progress=not args.quiet and main,
-                                         target_visibility=target.visibility)
+    index_cache: dict = {}  # the gallery's faiss index, built once for both splits
+    for name, target in splits.items():  # search, the model's own weighting, rebuild
+        feats, nbrs = pipeline.reconstruct_split(
+            model, target, gallery, cfg, same_split=name == "gallery", batch_size=batch,
+            device=group.device or "cpu", progress=not args.quiet and main,
+            index_cache=index_cache)
+        feats = feats.astype(target.features.dtype, copy=False)  # float16 in, float16 out
         out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32), target.pids,
                                  target.camids, target.paths)
         if main:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Group", "setup", "world_size", "rank", "is_main", "shard", "all_gather_rows",
-           "map_rows", "barrier", "finish", "env_world"]
+           "map_rows", "broadcast_bytes", "barrier", "finish", "env_world"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,18 @@ def all_gather_rows(local: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | li
     dist.all_gather_object(pieces, arrays)
     out = [np.concatenate([p[i] for p in pieces]) for i in range(len(arrays))]
     return out[0] if single else out
+
+
+def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
+    """Rank ``src``'s ``data`` on every rank (``data`` is ignored elsewhere); in a single
+    process, ``data`` itself."""
+    if world_size() == 1:
+        if data is None:
+            raise ValueError("broadcast_bytes in a single process needs the data")
+        return data
+    box = [data if rank() == src else None]
+    dist.broadcast_object_list(box, src)
+    return box[0]
 
 
 def map_rows(fn: Callable[[slice], np.ndarray | Sequence[np.ndarray]], n: int,

@@ -49,6 +49,8 @@ __all__ = [
 
 VISIBLE_THRESHOLD = 0.5
 SPLITS = ("train", "query", "gallery")
+#: :func:`load_split_dir` (``mapped=None``) memory-maps the features of archives this large.
+MAP_FILE_BYTES = 1 << 30
 
 _REQUIRED = ("features", "visibility", "pids", "camids")
 _OPTIONAL = ("paths", "clean_features")
@@ -333,18 +335,37 @@ def _atomic_savez(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         raise
 
 
-def load_split_dir(directory: str | os.PathLike,
-                   splits: Iterable[str] = SPLITS) -> dict[str, PartFeatures]:
-    """Load ``directory/{split}.npz`` for each split; M and D must agree across splits."""
+def load_split_dir(directory: str | os.PathLike, splits: Iterable[str] = SPLITS,
+                   mapped: bool | None = False) -> dict[str, PartFeatures]:
+    """Load ``directory/{split}.npz`` for each split; M and D must agree across splits.
+
+    ``mapped``: ``True`` memory-maps each split's ``features`` (and ``clean_features``) in
+    place instead of reading them (:func:`orgnn.storage.load_part_features_mapped`; the
+    archive must be uncompressed, as :func:`save_part_features` writes it); ``None`` does so
+    for uncompressed archives of at least :data:`MAP_FILE_BYTES`; ``False`` reads them."""
+    from orgnn.storage import load_part_features_mapped
+
     directory = Path(directory)
     out: dict[str, PartFeatures] = {}
     sources: dict[str, str] = {}
     for split in splits:
         path = directory / f"{split}.npz"
         sources[split] = str(path)
-        out[split] = load_part_features(path)
+        use_map = _mappable(path) if mapped is None else mapped
+        out[split] = load_part_features_mapped(path) if use_map else load_part_features(path)
     _check_compatible(out, sources)
     return out
+
+
+def _mappable(path: Path) -> bool:
+    """Whether ``path`` is large enough to map and its features are stored uncompressed."""
+    try:
+        if path.stat().st_size < MAP_FILE_BYTES:
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return archive.getinfo("features.npy").compress_type == zipfile.ZIP_STORED
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False  # the ordinary reader reports what is wrong
 
 
 def save_split_dir(directory: str | os.PathLike, splits: Mapping[str, PartFeatures]) -> None:

@@ -30,8 +30,9 @@ from orgnn.storage import take_rows
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
-    return t.to(device=device, dtype=torch.float32, non_blocking=True)
+    if isinstance(x, np.ndarray):  # a read-only batch (rows of a memory map) is copied
+        x = torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else np.array(x))
+    return x.to(device=device, dtype=torch.float32, non_blocking=True)
 
 
 def dense_neighbourhood_batch(

@@ -46,6 +46,10 @@ from orgnn.features import PartFeatures
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
 from orgnn.search import Neighbourhoods
 from orgnn.search import _normalise as _unit  # L2 per part; zero vectors stay zero
+from orgnn.storage import iter_rows
+
+#: Items per exact search call of :func:`kth_neighbour_similarity`.
+KTH_SEARCH_BATCH = 65536
 
 __all__ = ["ScorerConfig", "edge_features", "context_features",
            "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction"]
@@ -95,24 +99,29 @@ class ScorerConfig:
 # --------------------------------------------------------------------------------------
 # Features
 # --------------------------------------------------------------------------------------
-def kth_neighbour_similarity(gallery: np.ndarray, k: int) -> np.ndarray:
+def kth_neighbour_similarity(gallery: np.ndarray, k: int,
+                             batch_size: int = KTH_SEARCH_BATCH) -> np.ndarray:
     """``(G, M)``: per part, each gallery item's cosine to its ``k``-th nearest *other*
-    gallery item (exact faiss search per part; the item itself excluded)."""
-    ghat = _unit(gallery)
-    g, m, _ = ghat.shape
+    gallery item (exact faiss search per part; the item itself excluded). One part's unit
+    vectors are held at a time, read from ``gallery`` (which may be a memory map) in row
+    chunks, and searched ``batch_size`` items at a time."""
+    g, m, _ = gallery.shape
     out = np.zeros((g, m), dtype=np.float32)
     if g < 2:
         return out
     kk = min(k, g - 1)
-    for p in range(m):  # M faiss calls, each over all items
-        index = faiss.IndexFlatIP(ghat.shape[2])
-        part = np.ascontiguousarray(ghat[:, p])
+    for p in range(m):  # M exact indexes, one at a time
+        part = np.concatenate([_unit(chunk[:, p]) for _, chunk in iter_rows(gallery)])
+        index = faiss.IndexFlatIP(part.shape[1])
         index.add(part)
-        sims, ids = index.search(part, kk + 1)
-        not_self = ids != np.arange(g)[:, None]
-        # the kk-th entry that is not the item itself (it is usually first)
-        order = np.argsort(~not_self, axis=1, kind="stable")[:, kk - 1]
-        out[:, p] = sims[np.arange(g), order]
+        for start in range(0, g, batch_size):
+            rows = np.arange(start, min(start + batch_size, g))
+            sims, ids = index.search(part[rows], kk + 1)
+            not_self = ids != rows[:, None]
+            # the kk-th entry that is not the item itself (it is usually first)
+            order = np.argsort(~not_self, axis=1, kind="stable")[:, kk - 1]
+            out[rows, p] = sims[np.arange(len(rows)), order]
+        del index, part
     return out
 
 

@@ -27,7 +27,7 @@ from orgnn.graphs import map_dense_batches
 from orgnn.nn import ORGNN
 from orgnn.outliers import score_split
 from orgnn.search import Neighbourhoods, search_neighbourhoods
-from orgnn.training import SearchConfig, TrainConfig, prior_weights, train_orgnn
+from orgnn.training import SearchConfig, TrainConfig, prior_weights, train_orgnn_once
 
 #: Every row of SPEC §6, in table order.
 ABLATION_ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn",
@@ -123,17 +123,20 @@ def outlier_weights(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
 
 def reconstruct_split(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
                       search: SearchConfig, *, same_split: bool, batch_size: int = 2048,
-                      device: str | torch.device = "cpu", progress: bool = False
-                      ) -> tuple[np.ndarray, Neighbourhoods]:
+                      device: str | torch.device = "cpu", progress: bool = False,
+                      index_cache: dict | None = None) -> tuple[np.ndarray, Neighbourhoods]:
     """Search ``target``'s neighbourhoods in ``gallery``, weigh them with the model's
     scorer (if any) and reconstruct: ``(features (N, M, F), neighbourhoods)``.
-    ``same_split``: ``target`` is the gallery itself (each image excluded from its own)."""
+    ``same_split``: ``target`` is the gallery itself (each image excluded from its own).
+    ``index_cache``: kept by the caller to build the gallery's index once across calls."""
     search = resolve_search(search, model)
-    nbrs = search_split(target, gallery, search, same_split=same_split)
+    nbrs = search_split(target, gallery, search, same_split=same_split,
+                        index_cache=index_cache)
     weights = None
     if getattr(model, "scorer", None) is not None:
         g_nbrs = nbrs if same_split else search_split(gallery, gallery, search,
-                                                       same_split=True)
+                                                       same_split=True,
+                                                       index_cache=index_cache)
         weights = outlier_weights(model, gallery if same_split else target, gallery, nbrs,
                                   g_nbrs)
     feats = reconstruct(model, target.features, gallery.features, nbrs, batch_size, device,
@@ -260,9 +263,12 @@ def _percent(result: dict) -> dict[str, float]:
 
 
 def search_split(target: PartFeatures, gallery: PartFeatures, cfg: SearchConfig, *,
-                 same_split: bool, all_parts: bool = False) -> Neighbourhoods:
+                 same_split: bool, all_parts: bool = False,
+                 index_cache: dict | None = None) -> Neighbourhoods:
     """Neighbourhoods of ``target`` in ``gallery`` (self excluded when they are one split);
-    ``all_parts`` searches with every part (the "no OAN" setting)."""
+    ``all_parts`` searches with every part (the "no OAN" setting). ``index_cache``: a dict
+    the caller keeps to build each faiss index over ``gallery`` once for several searches
+    (see :func:`orgnn.search.search_neighbourhoods`)."""
     parts = np.ones(target.visible.shape, dtype=bool) if all_parts else None
 
     def search(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -272,7 +278,7 @@ def search_split(target: PartFeatures, gallery: PartFeatures, cfg: SearchConfig,
             theta=cfg.theta, mode=cfg.mode, upper_body_parts=cfg.upper_body_parts,
             index=cfg.index, nprobe=cfg.nprobe, device=getattr(cfg, "device", None),
             exclude=np.arange(target.num_images)[rows] if same_split else None,
-            search_parts=None if parts is None else parts[rows])
+            search_parts=None if parts is None else parts[rows], index_cache=index_cache)
         return found.index, found.score, found.search_parts
 
     return Neighbourhoods(*distributed.map_rows(search, target.num_images))
@@ -301,6 +307,7 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
     results: dict[str, dict[str, float]] = {}
     empty: dict[str, int] = {}
     q_oan, g_oan = oan_parts(query.visible), oan_parts(gallery.visible)
+    index_cache: dict = {}  # every search below searches this one gallery
 
     def score(name: str, q_feats, g_feats, q_parts=None, g_parts=None,
               rerank: str | None = None) -> None:
@@ -322,8 +329,8 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
         key = "orgnn" if outlier_aware else "oan_gnn"
         if key not in models:
             cfg = TrainConfig(**{**config.train.__dict__, "outlier_aware": outlier_aware})
-            with timer("train"):
-                models[key] = train_orgnn(splits["train"], cfg, progress=progress)
+            with timer("train"):  # under torchrun: rank 0 trains, the others receive it
+                models[key] = train_orgnn_once(splits["train"], cfg, progress=progress)
         return models[key]
 
     def run_model(model: ORGNN, q_nbrs: Neighbourhoods, g_nbrs: Neighbourhoods,
@@ -340,8 +347,10 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
     needs_visible = {"avg", "oan_gnn", "orgnn", "orgnn_rr", "upper_bound"} & set(rows)
     if needs_visible:
         with timer("search"):
-            q_nbrs = search_split(query, gallery, config.search, same_split=False)
-            g_nbrs = search_split(gallery, gallery, config.search, same_split=True)
+            q_nbrs = search_split(query, gallery, config.search, same_split=False,
+                                  index_cache=index_cache)
+            g_nbrs = search_split(gallery, gallery, config.search, same_split=True,
+                                  index_cache=index_cache)
         empty["query"], empty["gallery"] = q_nbrs.num_empty, g_nbrs.num_empty
         _warn_if_mostly_empty(empty, query.num_images, gallery.num_images, config.search)
         if "avg" in rows:
@@ -363,9 +372,9 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
     if "gnn" in rows:
         with timer("search"):
             q_all = search_split(query, gallery, config.search, same_split=False,
-                                 all_parts=True)
+                                 all_parts=True, index_cache=index_cache)
             g_all = search_split(gallery, gallery, config.search, same_split=True,
-                                 all_parts=True)
+                                 all_parts=True, index_cache=index_cache)
         empty["query_all_parts"] = q_all.num_empty
         score("gnn", *run_model(model_for(True), q_all, g_all, use_oan=False))
 

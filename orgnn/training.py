@@ -266,7 +266,13 @@ def save_checkpoint(path: str | os.PathLike, model: ORGNN, config: TrainConfig) 
     """Write ``model`` and its training config atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+    payload = _checkpoint_payload(model, config)
+    atomic_write(path, lambda handle: torch.save(payload, handle))  # mode 0o666 & ~umask
+    return path
+
+
+def _checkpoint_payload(model: ORGNN, config: TrainConfig) -> dict[str, Any]:
+    return {
         "format": CHECKPOINT_FORMAT,
         "model": {"in_channels": model.in_channels, "hidden_channels": model.hidden_channels,
                   "num_parts": model.num_parts, "num_layers": model.num_layers,
@@ -277,8 +283,6 @@ def save_checkpoint(path: str | os.PathLike, model: ORGNN, config: TrainConfig) 
         "config": _config_dict(config),
         "state_dict": model.state_dict(),
     }
-    atomic_write(path, lambda handle: torch.save(payload, handle))  # mode 0o666 & ~umask
-    return path
 
 
 def load_checkpoint(path: str | os.PathLike,
@@ -296,6 +300,11 @@ def load_checkpoint(path: str | os.PathLike,
     except Exception as err:  # unpickling refused: not a plain-tensor checkpoint
         raise CheckpointError(f"checkpoint {path}: not an orgnn checkpoint "
                               f"({type(err).__name__})") from None
+    return _model_from_payload(payload, str(path), device)
+
+
+def _model_from_payload(payload: Any, path: str, device: str | torch.device = "cpu"
+                        ) -> tuple[ORGNN, TrainConfig]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path}: not an orgnn checkpoint (expected format "
                               f"{CHECKPOINT_FORMAT!r})")
@@ -313,3 +322,27 @@ def load_checkpoint(path: str | os.PathLike,
     config = TrainConfig(**raw)
     model.train_config = config                   # its calibrated theta guides the search
     return model.eval(), config
+
+
+def train_orgnn_once(train: PartFeatures, config: TrainConfig | None = None,
+                     progress: bool = True) -> ORGNN:
+    """:func:`train_orgnn`, run by rank 0 alone under ``torchrun``: the other ranks receive
+    its model as an in-memory checkpoint (tensors only, read with ``weights_only=True``)
+    instead of training the same model again. In a single process, :func:`train_orgnn`."""
+    import io
+
+    from orgnn import distributed
+
+    if distributed.world_size() == 1:
+        return train_orgnn(train, config, progress=progress)
+    model, blob = None, None
+    if distributed.is_main():
+        model = train_orgnn(train, config, progress=progress)
+        buffer = io.BytesIO()
+        torch.save(_checkpoint_payload(model, model.train_config), buffer)
+        blob = buffer.getvalue()
+    blob = distributed.broadcast_bytes(blob)
+    if model is not None:
+        return model
+    payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return _model_from_payload(payload, "<rank 0's model>")[0]

@@ -90,3 +90,47 @@ def test_bad_inputs_give_clear_errors_and_keep_outputs(data_dir, tmp_path, capsy
                  str(tmp_path / "none.pt"), "--out", str(tmp_path / "o")]) == 2
     assert "none.pt: no such file" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_reconstruct_from_memory_maps_writes_the_same_files(data_dir, tmp_path, monkeypatch):
+    """``--map always`` reads both inputs as memory maps (the path of galleries too large to
+    read) and must write exactly what reading them gives; the gallery's index is built once
+    for the query and gallery searches."""
+    import orgnn.search
+    import orgnn.storage
+
+    ckpt = tmp_path / "m.pt"
+    assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--quiet"]) == 0
+    mapped_loads, builds = [], []
+    real_load, real_build = orgnn.storage.load_part_features_mapped, orgnn.search._faiss_index
+    monkeypatch.setattr(orgnn.storage, "load_part_features_mapped",
+                        lambda path: mapped_loads.append(path) or real_load(path))
+    monkeypatch.setattr(orgnn.search, "_faiss_index",
+                        lambda *a: builds.append(a[1]) or real_build(*a))
+    outs = {}
+    for how in ("never", "always"):
+        outs[how] = tmp_path / how
+        assert main(["reconstruct", "--data", str(data_dir), "--checkpoint", str(ckpt),
+                     "--out", str(outs[how]), "--map", how, "--quiet"]) == 0
+    assert sorted(p.name for p in mapped_loads) == ["gallery.npz", "query.npz"]
+    assert builds == [None, None]  # one visible-mean index per run, not one per search
+    for name in ("query.npz", "gallery.npz"):
+        assert (outs["never"] / name).read_bytes() == (outs["always"] / name).read_bytes()
+
+
+def test_reconstruct_keeps_float16_features_float16(data_dir, tmp_path):
+    from orgnn.features import PartFeatures, load_split_dir
+
+    half = tmp_path / "half"
+    splits = load_split_dir(data_dir)
+    save_split_dir(half, {name: PartFeatures(pf.features.astype(np.float16), pf.visibility,
+                                             pf.pids, pf.camids, pf.paths)
+                          for name, pf in splits.items()})
+    ckpt = tmp_path / "m.pt"
+    assert main(["train", "--data", str(half), "--out", str(ckpt), "--quiet"]) == 0
+    assert main(["reconstruct", "--data", str(half), "--checkpoint", str(ckpt), "--out",
+                 str(tmp_path / "rec"), "--quiet"]) == 0
+    for name in ("query", "gallery"):
+        rec = load_part_features(tmp_path / "rec" / f"{name}.npz")
+        assert rec.features.dtype == np.float16 and np.isfinite(rec.features).all()
+        assert rec.features.shape[0] == len(splits[name])

@@ -113,3 +113,46 @@ def test_torchrun_two_ranks_write_the_same_files(world, tmp_path):
         outs[nproc] = out
     for name in ("query.npz", "gallery.npz"):
         assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+
+
+_ABLATION_SCRIPT = """
+import json, sys
+import torch.distributed as dist
+from orgnn import distributed, training
+from orgnn.datasets import synthetic_preset
+from orgnn.pipeline import run_ablation
+
+group = distributed.setup("cpu")
+if group.rank != 0:  # only rank 0 may train; the others must receive its model
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rank other than 0 trained")
+    training.train_orgnn = refuse
+result = run_ablation(synthetic_preset("tiny", seed=0), rows=("avg", "orgnn", "upper_bound"),
+                      progress=False)
+distributed.finish()
+if group.rank == 0:
+    json.dump(result.rows, open(sys.argv[1], "w"))
+"""
+
+
+def test_ablation_under_torchrun_trains_once_and_scores_the_same(tmp_path):
+    """`run_ablation` with two gloo ranks: rank 0 alone trains (rank 1 would fail if it
+    did), rank 1 reconstructs with the model it receives, and the rows equal one process'."""
+    from orgnn.datasets import synthetic_preset
+    from orgnn.pipeline import run_ablation
+
+    script = tmp_path / "ablation.py"
+    script.write_text(_ABLATION_SCRIPT)
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore",
+                               "PYTHONPATH": os.pathsep.join(
+                                   [str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = run_ablation(synthetic_preset("tiny", seed=0), progress=False,
+                          rows=("avg", "orgnn", "upper_bound"))
+    import json
+
+    assert json.loads(out.read_text()) == single.rows

@@ -96,7 +96,7 @@ def test_edge_features_match_a_loop_reference():
             assert out[t, pos, col["rank"]] == pytest.approx(pos / k)
 
 
-def test_kth_neighbour_similarity_by_brute_force():
+def test_kth_neighbour_similarity_by_brute_force(tmp_path):
     rng = np.random.default_rng(1)
     gallery = rng.normal(size=(9, 2, 5)).astype(np.float32)
     out = kth_neighbour_similarity(gallery, 3)
@@ -105,6 +105,12 @@ def test_kth_neighbour_similarity_by_brute_force():
             sims = sorted((_cos(gallery[i, p], gallery[j, p]) for j in range(9) if j != i),
                           reverse=True)
             assert out[i, p] == pytest.approx(sims[2], abs=1e-5)
+    # searched a few items at a time, from a float16 memory map: the same values
+    path = tmp_path / "g.npy"
+    np.save(path, gallery.astype(np.float16))
+    mapped = np.load(path, mmap_mode="r")
+    np.testing.assert_array_equal(kth_neighbour_similarity(mapped, 3, batch_size=4),
+                                  kth_neighbour_similarity(np.load(path), 3))
 
 
 def test_lookup_row_values_by_hand():

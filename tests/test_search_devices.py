@@ -190,3 +190,26 @@ def test_load_part_features_mapped(tmp_path):
     np.savez(tmp_path / "short.npz", **{**pf.as_dict(), "pids": np.arange(49)})
     with pytest.raises(PartFeatureError, match="N mismatch"):
         load_part_features_mapped(tmp_path / "short.npz")
+
+
+def test_load_split_dir_maps_large_uncompressed_files(tmp_path, monkeypatch):
+    import orgnn.features as F
+
+    rng = np.random.default_rng(1)
+    pf = PartFeatures(rng.random((40, M, D)).astype(np.float16),
+                      rng.random((40, M)).astype(np.float32), np.arange(40) % 5,
+                      np.arange(40) % 2)
+    F.save_split_dir(tmp_path, {"query": pf, "gallery": pf})
+    np.savez_compressed(tmp_path / "train.npz", **pf.as_dict())
+    size = (tmp_path / "query.npz").stat().st_size
+    monkeypatch.setattr(F, "MAP_FILE_BYTES", size + 1)      # below the threshold: read
+    assert not any(isinstance(s.features, np.memmap)
+                   for s in F.load_split_dir(tmp_path, mapped=None).values())
+    monkeypatch.setattr(F, "MAP_FILE_BYTES", size)
+    got = F.load_split_dir(tmp_path, mapped=None)
+    assert isinstance(got["query"].features, np.memmap)
+    assert isinstance(got["gallery"].features, np.memmap)
+    assert not isinstance(got["train"].features, np.memmap)  # compressed: read instead
+    np.testing.assert_array_equal(got["train"].features, got["query"].features)
+    with pytest.raises(PartFeatureError, match="compressed"):
+        F.load_split_dir(tmp_path, splits=("train",), mapped=True)
