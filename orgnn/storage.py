@@ -38,7 +38,10 @@ __all__ = ["map_npz_member", "load_part_features_mapped", "iter_rows", "take_row
 #: Rows per chunk of :func:`iter_rows` when not given: about 64 MiB of float32 per chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
 #: Scattered rows :func:`take_rows` reads from a memory map before handing the pages back.
-TAKE_ROWS = 1024
+#: Small, because a kernel with large page-cache folios maps up to about 1.5 MiB of the file
+#: per row touched (measured: 1024 rows left 1.5 GiB resident, 64 rows 145 MiB, and took
+#: no longer).
+TAKE_ROWS = 64
 
 
 def map_npz_member(path: str | os.PathLike, key: str) -> np.memmap:
