@@ -120,15 +120,17 @@ import json, sys
 import torch.distributed as dist
 from orgnn import distributed, training
 from orgnn.datasets import synthetic_preset
-from orgnn.pipeline import run_ablation
+from orgnn.pipeline import AblationConfig, run_ablation
+from orgnn.training import TrainConfig
 
 group = distributed.setup("cpu")
 if group.rank != 0:  # only rank 0 may train; the others must receive its model
     def refuse(*args, **kwargs):
         raise AssertionError("a rank other than 0 trained")
     training.train_orgnn = refuse
-result = run_ablation(synthetic_preset("tiny", seed=0), rows=("avg", "orgnn", "upper_bound"),
-                      progress=False)
+config = AblationConfig(train=TrainConfig(epochs=1, scorer_stages=2, scorer_steps=20))
+result = run_ablation(synthetic_preset("tiny", seed=0), config,
+                      rows=("avg", "orgnn", "upper_bound"), progress=False)
 distributed.finish()
 if group.rank == 0:
     json.dump(result.rows, open(sys.argv[1], "w"))
@@ -139,7 +141,7 @@ def test_ablation_under_torchrun_trains_once_and_scores_the_same(tmp_path):
     """`run_ablation` with two gloo ranks: rank 0 alone trains (rank 1 would fail if it
     did), rank 1 reconstructs with the model it receives, and the rows equal one process'."""
     from orgnn.datasets import synthetic_preset
-    from orgnn.pipeline import run_ablation
+    from orgnn.pipeline import AblationConfig, run_ablation
 
     script = tmp_path / "ablation.py"
     script.write_text(_ABLATION_SCRIPT)
@@ -151,7 +153,8 @@ def test_ablation_under_torchrun_trains_once_and_scores_the_same(tmp_path):
                                "PYTHONPATH": os.pathsep.join(
                                    [str(REPO), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = run_ablation(synthetic_preset("tiny", seed=0), progress=False,
+    config = AblationConfig(train=TrainConfig(epochs=1, scorer_stages=2, scorer_steps=20))
+    single = run_ablation(synthetic_preset("tiny", seed=0), config, progress=False,
                           rows=("avg", "orgnn", "upper_bound"))
     import json
 
