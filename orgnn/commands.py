@@ -9,8 +9,12 @@ or output. Outputs are written atomically, several files as one set (:mod:`orgnn
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +397,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from orgnn import distributed, pipeline
     from orgnn.features import PartFeatures, load_split_dir, save_split_dir
     from orgnn.io_atomic import pause_for_tests, replace_dir
+    from orgnn.storage import is_mapped, open_npy
     from orgnn.training import SearchConfig, load_checkpoint
 
     if Path(args.out).resolve() == Path(args.data).resolve():
@@ -416,29 +421,53 @@ def _reconstruct(args: argparse.Namespace) -> int:
                              getattr(model, "hidden_channels", None))
     out = {}
     index_cache: dict = {}  # the gallery's faiss index, built once for both splits
-    for name, target in splits.items():  # search, the model's own weighting, rebuild
-        feats, nbrs = pipeline.reconstruct_split(
-            model, target, gallery, cfg, same_split=name == "gallery", batch_size=batch,
-            device=group.device or "cpu", progress=not args.quiet and main,
-            index_cache=index_cache)
-        feats = feats.astype(target.features.dtype, copy=False)  # float16 in, float16 out
-        out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32), target.pids,
-                                 target.camids, target.paths)
-        if main:
-            print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours",
-                  flush=True)
-    distributed.finish()
-    if not main:  # rank 0 holds the gathered set and writes it
-        return 0
+    with _scratch_dir(args.out) as scratch:
+        for name, target in splits.items():  # search, the model's own weighting, rebuild
+            # A mapped input (a large file) is reconstructed into a mapped scratch file,
+            # batch by batch, and streamed from there into the output archive.
+            dest = None
+            if scratch is not None and is_mapped(target.features) and group.world_size == 1:
+                dest = open_npy(scratch / f"{name}.npy", (len(target), target.num_parts,
+                                model.hidden_channels), target.features.dtype)
+            feats, nbrs = pipeline.reconstruct_split(
+                model, target, gallery, cfg, same_split=name == "gallery", batch_size=batch,
+                device=group.device or "cpu", progress=not args.quiet and main,
+                index_cache=index_cache, out=dest)
+            feats = feats.astype(target.features.dtype, copy=False)  # float16 in and out
+            out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32),
+                                     target.pids, target.camids, target.paths)
+            if main:
+                print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours",
+                      flush=True)
+        distributed.finish()
+        if not main:  # rank 0 holds the gathered set and writes it
+            return 0
 
-    def build(folder: Path) -> None:
-        save_split_dir(folder, {"query": out["query"]})
-        pause_for_tests("query.npz written")
-        save_split_dir(folder, {"gallery": out["gallery"]})
+        def build(folder: Path) -> None:
+            save_split_dir(folder, {"query": out["query"]})
+            pause_for_tests("query.npz written")
+            save_split_dir(folder, {"gallery": out["gallery"]})
 
-    replace_dir(args.out, build)
+        replace_dir(args.out, build)
     print(f"wrote {args.out}/query.npz and {args.out}/gallery.npz (one set)")
     return 0
+
+
+@contextmanager
+def _scratch_dir(out: str) -> Iterator[Path | None]:
+    """A hidden scratch folder beside ``out`` (same file system), removed afterwards
+    whatever happens; ``None`` where it cannot be made (the output is then held in memory)."""
+    parent = Path(out).resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.scratch-", dir=parent))
+    except OSError:
+        yield None
+        return
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

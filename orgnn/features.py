@@ -158,8 +158,28 @@ def _check_features(arr: Any, key: str, source: str) -> np.ndarray:
                                             f"or float16")
     if arr.shape[1] == 0 or arr.shape[2] == 0:
         raise PartFeatureError(source, key, f"empty part axis: shape {arr.shape} has M or D 0")
-    _refuse_any(~np.isfinite(arr), "non-finite values (NaN/inf)", key, source)
+    _refuse_nonfinite(arr, key, source)
     return arr
+
+
+def _refuse_nonfinite(arr: np.ndarray, key: str, source: str) -> None:
+    """:func:`_refuse_any` for NaN/inf, one row chunk at a time (a memory-mapped array of
+    millions of images is read once, never copied whole)."""
+    from orgnn.storage import chunk_rows, release_rows
+
+    rows = chunk_rows(arr)
+    count, first = 0, None
+    for start in range(0, arr.shape[0], rows):
+        bad = ~np.isfinite(arr[start:start + rows])
+        release_rows(arr, start, start + rows)
+        found = int(np.count_nonzero(bad))
+        if found and first is None:
+            index = _first_index(bad)
+            first = (index[0] + start,) + index[1:]
+        count += found
+    if count:
+        raise PartFeatureError(source, key, f"non-finite values (NaN/inf): {count} of "
+                                            f"{arr.size}, first at index {first}")
 
 
 def _check_labels(arr: Any, key: str, source: str) -> np.ndarray:

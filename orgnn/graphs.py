@@ -121,7 +121,8 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
                       device: str | torch.device = "cpu",
                       target_visible: np.ndarray | None = None, desc: str | None = None,
                       progress: bool = False,
-                      node_weight: np.ndarray | None = None) -> np.ndarray:
+                      node_weight: np.ndarray | None = None,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """``fn(x, mask[, target_visible=...])`` over the dense neighbourhood batches of every
     ``target`` image, ``batch_size`` graphs at a time; the outputs concatenated as float32.
 
@@ -133,7 +134,12 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
         desc, progress: the progress bar's label, and whether to show it.
         node_weight: ``(N, 1 + K)`` or ``(N, M, 1 + K)`` prior weight of every node of every
             graph (the target first); when given it reaches ``fn`` as ``node_weight``.
+        out: ``(N, M, F)`` array (a writable memory map, say) that receives each batch's
+            output as it is computed, cast to its dtype; it is returned instead of a new
+            float32 array.
     """
+    if out is not None and out.shape[0] != target.shape[0]:
+        raise ValueError(f"out has {out.shape[0]} rows for {target.shape[0]} targets")
     chunks = []
     starts = range(0, target.shape[0], batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, unit="batch", leave=False):
@@ -146,5 +152,11 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
             weight = torch.as_tensor(np.asarray(node_weight[sl], dtype=np.float32),
                                      device=x.device)
             extra["node_weight"] = weight[..., :x.size(2)]     # an empty row grew to width 1
-        chunks.append(fn(x, mask, **extra).float().cpu().numpy())
+        result = fn(x, mask, **extra).float().cpu().numpy()
+        if out is None:
+            chunks.append(result)
+        else:
+            out[sl] = result
+    if out is not None:
+        return out
     return np.concatenate(chunks) if chunks else np.empty((0,) + target.shape[1:], np.float32)

@@ -81,12 +81,16 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
                 neighbourhoods: Neighbourhoods | np.ndarray, batch_size: int = 2048,
                 device: str | torch.device = "cpu", progress: bool = False,
                 target_visibility: np.ndarray | None = None,
-                node_weight: np.ndarray | None = None) -> np.ndarray:
+                node_weight: np.ndarray | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
     """Reconstruct ``target`` ``(N, M, D)`` from its neighbours in ``gallery`` with the
     OR-GNN, streaming ``batch_size`` graphs at a time. Returns ``(N, M, F)`` float32.
     ``target_visibility`` ``(N, M)`` is needed by models with ``target_init="visible"``;
     ``node_weight`` ``(N, 1 + K)`` by models with a learned scorer (:func:`outlier_weights`
-    computes it; :func:`reconstruct_split` does all of it)."""
+    computes it; :func:`reconstruct_split` does all of it). ``out``: an ``(N, M, F)`` array
+    (e.g. a writable memory map, :func:`orgnn.storage.open_npy`) written batch by batch and
+    returned, so the output is never held in memory (under ``torchrun`` the gathered
+    result is copied into it)."""
     index = getattr(neighbourhoods, "index", neighbourhoods)
     if node_weight is None and getattr(model, "scorer", None) is not None:
         raise ValueError("this OR-GNN weighs neighbours with a learned outlier scorer: pass "
@@ -97,12 +101,20 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
     elif target_visibility is None:
         raise ValueError("this OR-GNN starts its targets from their visible parts "
                          "(target_init='visible'): pass target_visibility")
+    if distributed.world_size() == 1 and out is not None:
+        return map_dense_batches(model, target, gallery, index, batch_size, device,
+                                 target_visibility, "reconstruct", progress, node_weight,
+                                 out=out)
     # Under torchrun each rank runs whole batches of the single-process grid (same bits).
-    return distributed.map_rows(lambda rows: map_dense_batches(
+    result = distributed.map_rows(lambda rows: map_dense_batches(
         model, target[rows], gallery, index[rows], batch_size, device,
         None if target_visibility is None else target_visibility[rows], "reconstruct",
         progress, None if node_weight is None else node_weight[rows]),
         target.shape[0], batch_size)
+    if out is None:
+        return result
+    out[:] = result
+    return out
 
 
 def outlier_weights(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
@@ -124,11 +136,13 @@ def outlier_weights(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
 def reconstruct_split(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
                       search: SearchConfig, *, same_split: bool, batch_size: int = 2048,
                       device: str | torch.device = "cpu", progress: bool = False,
-                      index_cache: dict | None = None) -> tuple[np.ndarray, Neighbourhoods]:
+                      index_cache: dict | None = None, out: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, Neighbourhoods]:
     """Search ``target``'s neighbourhoods in ``gallery``, weigh them with the model's
     scorer (if any) and reconstruct: ``(features (N, M, F), neighbourhoods)``.
     ``same_split``: ``target`` is the gallery itself (each image excluded from its own).
-    ``index_cache``: kept by the caller to build the gallery's index once across calls."""
+    ``index_cache``: kept by the caller to build the gallery's index once across calls.
+    ``out``: receives the features batch by batch (see :func:`reconstruct`)."""
     search = resolve_search(search, model)
     nbrs = search_split(target, gallery, search, same_split=same_split,
                         index_cache=index_cache)
@@ -140,7 +154,8 @@ def reconstruct_split(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
         weights = outlier_weights(model, gallery if same_split else target, gallery, nbrs,
                                   g_nbrs)
     feats = reconstruct(model, target.features, gallery.features, nbrs, batch_size, device,
-                        progress, target_visibility=target.visibility, node_weight=weights)
+                        progress, target_visibility=target.visibility, node_weight=weights,
+                        out=out)
     return feats, nbrs
 
 

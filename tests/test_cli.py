@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -93,18 +94,22 @@ def test_bad_inputs_give_clear_errors_and_keep_outputs(data_dir, tmp_path, capsy
 
 
 def test_reconstruct_from_memory_maps_writes_the_same_files(data_dir, tmp_path, monkeypatch):
-    """``--map always`` reads both inputs as memory maps (the path of galleries too large to
-    read) and must write exactly what reading them gives; the gallery's index is built once
-    for the query and gallery searches."""
+    """``--map always`` reads both inputs as memory maps and writes the reconstructions
+    through mapped scratch files (the path of galleries too large to hold), and must write
+    exactly what reading them gives; the gallery's index is built once for the query and
+    gallery searches."""
     import orgnn.search
     import orgnn.storage
 
     ckpt = tmp_path / "m.pt"
     assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--quiet"]) == 0
-    mapped_loads, builds = [], []
+    mapped_loads, builds, streamed = [], [], []
     real_load, real_build = orgnn.storage.load_part_features_mapped, orgnn.search._faiss_index
+    real_open = orgnn.storage.open_npy
     monkeypatch.setattr(orgnn.storage, "load_part_features_mapped",
                         lambda path: mapped_loads.append(path) or real_load(path))
+    monkeypatch.setattr(orgnn.storage, "open_npy",
+                        lambda path, *a: streamed.append(Path(path).name) or real_open(path, *a))
     monkeypatch.setattr(orgnn.search, "_faiss_index",
                         lambda *a: builds.append(a[1]) or real_build(*a))
     outs = {}
@@ -113,6 +118,9 @@ def test_reconstruct_from_memory_maps_writes_the_same_files(data_dir, tmp_path, 
         assert main(["reconstruct", "--data", str(data_dir), "--checkpoint", str(ckpt),
                      "--out", str(outs[how]), "--map", how, "--quiet"]) == 0
     assert sorted(p.name for p in mapped_loads) == ["gallery.npz", "query.npz"]
+    # mapped inputs are reconstructed into mapped scratch files, removed afterwards
+    assert streamed == ["query.npy", "gallery.npy"]
+    assert not [p for p in tmp_path.iterdir() if "scratch" in p.name]
     assert builds == [None, None]  # one visible-mean index per run, not one per search
     for name in ("query.npz", "gallery.npz"):
         assert (outs["never"] / name).read_bytes() == (outs["always"] / name).read_bytes()

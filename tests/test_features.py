@@ -313,3 +313,18 @@ def test_split_dir_missing_split(tmp_path):
     save_part_features(tmp_path / "train.npz", make_pf())
     with pytest.raises(PartFeatureError, match=r"query\.npz.*not found"):
         load_split_dir(tmp_path)
+
+
+def test_non_finite_features_are_counted_across_row_chunks(monkeypatch):
+    """The finiteness check reads large (mapped) arrays a chunk of rows at a time; the count
+    and the first index must be those of the whole array."""
+    import orgnn.storage
+
+    monkeypatch.setattr(orgnn.storage, "chunk_rows", lambda arr, *a: 2)
+    pf = make_pf(n=7)
+    pf.features[3, 1, 2] = np.inf
+    pf.features[6, 0, 0] = np.nan
+    pf.features[4, 5, 7] = -np.inf
+    with pytest.raises(PartFeatureError, match=r"non-finite values \(NaN/inf\): 3 of 336, "
+                                               r"first at index \(3, 1, 2\)"):
+        pf.validate()
