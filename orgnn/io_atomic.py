@@ -42,13 +42,11 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-
-__all__ = ["atomic_write", "atomic_savez", "write_json_atomic", "file_mode", "dir_mode",
+__all__ = ["atomic_write", "write_json_atomic", "file_mode", "dir_mode",
            "signals_held", "committed", "FileSet", "replace_dir", "sha256_file"]
 
 #: Paths this process has made visible (each complete), in commit order.
@@ -158,11 +156,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     rename: readers see the old file or the complete new one, never a part."""
     path = Path(path)
     return FileSet().add(path, write).commit()[0]
-
-
-def atomic_savez(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
-    """:func:`numpy.savez` (uncompressed) through :func:`atomic_write`."""
-    return atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def _json_bytes(payload: Any) -> bytes:

@@ -101,19 +101,16 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
     elif target_visibility is None:
         raise ValueError("this OR-GNN starts its targets from their visible parts "
                          "(target_init='visible'): pass target_visibility")
-    if distributed.world_size() == 1 and out is not None:
-        return map_dense_batches(model, target, gallery, index, batch_size, device,
-                                 target_visibility, "reconstruct", progress, node_weight,
-                                 out=out)
     # Under torchrun each rank runs whole batches of the single-process grid (same bits).
     result = distributed.map_rows(lambda rows: map_dense_batches(
         model, target[rows], gallery, index[rows], batch_size, device,
         None if target_visibility is None else target_visibility[rows], "reconstruct",
-        progress, None if node_weight is None else node_weight[rows]),
-        target.shape[0], batch_size)
+        progress, None if node_weight is None else node_weight[rows],
+        None if out is None else out[rows]), target.shape[0], batch_size)
     if out is None:
         return result
-    out[:] = result
+    if distributed.world_size() > 1:  # each rank wrote its share; copy in the gathered rows
+        out[:] = result
     return out
 
 

@@ -186,19 +186,8 @@ def load_part_features_mapped(path: str | os.PathLike):
         if key not in {**small, **mapped}:
             raise F.PartFeatureError(source, key, "missing key (required: features, "
                                                   "visibility, pids, camids)")
-    for key, arr in mapped.items():
-        F._as_rank(arr, "(N, M, D)", key, source)
-        if arr.dtype not in (np.float32, np.float16):
-            raise F.PartFeatureError(source, key, f"wrong dtype {arr.dtype}: expected "
-                                                  f"float32 or float16")
-        rows = chunk_rows(arr)
-        for start in range(0, arr.shape[0], rows):
-            bad = ~np.isfinite(arr[start:start + rows])
-            release_rows(arr, start, start + rows)
-            if bad.any():
-                first = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise F.PartFeatureError(source, key, f"non-finite values (NaN/inf), first "
-                                                      f"at index {(first[0] + start,) + first[1:]}")
+    for key, arr in mapped.items():  # rank, dtype, finiteness (a row chunk at a time)
+        F._check_features(arr, key, source)
     # the small arrays (and the shapes) through the ordinary checks, on one row of features
     probe = F._normalise({**small, "features": np.asarray(mapped["features"][:1]),
                           **{k: v[:1] for k, v in small.items()}}, source)
