@@ -105,7 +105,7 @@ def test_cli_resume_and_refusals(world, capsys):
     assert main(["train-oan", "--dataset", "market1501", "--dataset-dir", str(data), "--out",
                  str(world["base"] / "o2"), "--mask-dir", str(world["base"] / "none"),
                  "--epochs", "1", "--batch-size", "2", *R18, *TINY]) == 2
-    assert "mask of" in capsys.readouterr().err
+    assert "mask folder" in capsys.readouterr().err
 
 
 def test_empty_training_sets(tmp_path, capsys):
@@ -195,9 +195,11 @@ def test_bad_images_skip_or_refuse(world, tmp_path, capsys):
     g = load_part_features(tmp_path / "p" / "gallery.npz")
     assert len(q) == 3 and bad.name not in q.paths.tolist()
     assert len(g) == 4 and notimg.name not in [Path(p).name for p in g.paths]
-    # the same refusal from a DataLoader worker process keeps its message
+    # the same refusal from a DataLoader worker process: the same one line
     assert main(args + ["--workers", "1"]) == 2
-    assert str(bad) in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"orgnn: error: bad image {bad}: ") and "\n" not in err
+    assert "--on-bad-image skip" in err
     # training with a bad image: skipped and reported too
     assert main(["train-fen", "--dataset", "market1501", "--dataset-dir", str(data), "--out",
                  str(tmp_path / "t"), "--P", "2", "--K", "2", "--epochs", "1",
@@ -226,11 +228,20 @@ def test_cli_masks_random_weights(tmp_path, capsys):
     assert main(["masks", "--dataset-dir", str(data), "--out", str(tmp_path / "masks"),
                  "--random-weights", "--min-size", "64", "--max-size", "96",
                  "--device", "cpu", "--no-progress"]) == 0
-    assert "3 mask(s) written" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "3 mask(s) written" in captured.out
+    assert "--random-weights: an untrained Mask R-CNN finds no one" in captured.err
+    assert "meaningless" in captured.err.splitlines()[0]  # said first, before any work
     assert len(list((tmp_path / "masks").rglob("*.png"))) == 3
+    # ... and train-oan refuses those masks before it trains
+    assert main(["train-oan", "--dataset", "market1501", "--dataset-dir", str(data),
+                 "--mask-dir", str(tmp_path / "masks"), "--out", str(tmp_path / "oan"),
+                 "--epochs", "1", *R18, *TINY]) == 2
+    assert "100.0 % of the masks are empty" in capsys.readouterr().err
     assert main(["masks", "--dataset-dir", str(data), "--out", str(tmp_path / "m2"),
                  "--no-progress"]) == 2
-    assert "needs weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs weights" in err and "`orgnn extract --visibility ones`" in err
 
 
 def test_commands_import_without_torchvision():
