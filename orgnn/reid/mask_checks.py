@@ -100,8 +100,8 @@ class MaskStats:
     def __str__(self) -> str:
         parts = " ".join(f"{v:.2f}" for v in self.visible.tolist())
         bad = f", {self.unreadable} unreadable" if self.unreadable else ""
-        return (f"{self.checked} masks checked{bad}: {100 * self.empty:.1f} % empty, part "
-                f"visible in a share of [{parts}] of them")
+        return (f"{self.checked} masks checked{bad}: {100 * self.empty:.1f} % empty; share "
+                f"in which each part is visible: [{parts}]")
 
     def verdict(self) -> tuple[str | None, bool]:
         """``(problem, refuse)``: what looks wrong (``None``: nothing) and whether it is bad

@@ -123,6 +123,26 @@ def test_verdict_thresholds():
     assert MaskStats(100, 0.0, torch.tensor([0.9, 0.9, 0.9, 0.04, 0.9, 0.9])).verdict()[1]
     assert MaskStats(100, 0.6, torch.full((6,), 0.4)).verdict()[1]
     assert MaskStats(0, 0.0, torch.zeros(6)).verdict() == ("no mask could be read", True)
+    assert str(low_part) == ("100 masks checked: 0.0 % empty; share in which each part is "
+                             "visible: [0.90 0.90 0.90 0.20 0.90 0.90]")
+
+
+def test_interrupt_report_stays_short():
+    """What an interrupted command lists as written: each checkpoint once, masks counted."""
+    from orgnn.io_atomic import committed
+    from orgnn.reid.commands import _compact_committed
+
+    saved = list(committed)
+    try:
+        committed[:] = ["before.json"]
+        committed.extend(["run/last.pt"] * 3)
+        _compact_committed(1)
+        assert committed == ["before.json", "run/last.pt"]
+        committed.extend([f"m/{i}.png" for i in range(5)])
+        _compact_committed(2, "mask PNGs under m")
+        assert committed == ["before.json", "run/last.pt", "5 mask PNGs under m"]
+    finally:
+        committed[:] = saved
 
 
 def test_empty_masks_refused_unless_allowed(market, tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,14 +259,24 @@ def test_commands_import_without_torchvision():
 
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
-    """DistributedDataParallel through torchrun (gloo on CPU): no flag, no code change."""
+    """DistributedDataParallel through torchrun (gloo on CPU): no flag, no code change.
+
+    Run as documented, ``torchrun --no-python orgnn train-fen ...``, from a folder holding an
+    ``orgnn`` folder that is not the package (as the folder above a clone named ``orgnn``
+    does): ``-m orgnn.cli`` would import that folder, the installed command does not."""
+    orgnn = shutil.which("orgnn")
+    if orgnn is None:
+        pytest.skip("the `orgnn` command is not installed (pip install -e .)")
     data = make_market(tmp_path / "m", ids=(1, 2, 3, 4), per_id=2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "orgnn.cli", "train-fen", "--dataset", "market1501", "--dataset-dir",
+    (tmp_path / "orgnn").mkdir()  # the trap
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--no-python", orgnn, "train-fen", "--dataset", "market1501", "--dataset-dir",
            str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--P", "2", "--K", "2",
            *R18, *TINY]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "PYTHONPATH": os.pathsep.join(filter(None, [
+                                   str(REPO), os.environ.get("PYTHONPATH")]))})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "x2 (DDP)" in proc.stdout and proc.stdout.count("FEN checkpoint ->") == 1
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt", "fen")
