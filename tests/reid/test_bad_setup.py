@@ -69,7 +69,7 @@ def test_partial_mask_folder(market, tmp_path, capsys):
     assert "lacks the masks of 3 of the 4 training images" in line
     assert f"(first: {gone[0]})" in line and "--on-bad-image skip" in line
     assert not out.exists()
-    # FEN with --mask-dir and extract with OAN visibility check the same way
+    # FEN with --mask-dir checks the same way (extract: test_extract_checks_every_split_first)
     fen = ["train-fen", "--dataset", "market1501", "--dataset-dir", str(data), "--mask-dir",
            str(masks), "--out", str(out), "--P", "2", "--K", "2", *TINY]
     assert main(fen) == 2
