@@ -1,8 +1,8 @@
 """orgnn: neighbourhood-guided feature reconstruction for occluded person Re-ID, on PyG.
 
-The graph side (``orgnn.nn``, ``orgnn.search``, ``orgnn.graphs``, ``orgnn.metrics``,
-``orgnn.pipeline``) needs only torch, PyG, numpy and faiss. The image side lives in
-``orgnn.reid`` and is the only part that imports torchvision.
+The graph side (``orgnn.nn``, ``orgnn.retrieval.search``, ``orgnn.reconstruction.graphs``,
+``orgnn.retrieval.metrics``, ``orgnn.reconstruction.pipeline``) needs only torch, PyG, numpy and
+faiss. The image side lives in ``orgnn.reid`` and is the only part that imports torchvision.
 
 The layers are imported on first use (``orgnn.ORGNNConv``), so that ``import orgnn`` and
 ``orgnn --help`` do not load torch and PyG.

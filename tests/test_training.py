@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orgnn.datasets import synthetic_preset
-from orgnn.training import (
+from orgnn.reconstruction.training import (
     CheckpointError,
     TrainConfig,
     TrainingDivergedError,
@@ -141,8 +141,8 @@ def test_diverging_training_stops_with_a_clear_error(tiny):
 
 
 def test_classifier_starts_imprinted_or_random(tiny):
-    from orgnn.graphs import dense_neighbourhood_batch
-    from orgnn.training import train_neighbourhoods
+    from orgnn.reconstruction.graphs import dense_neighbourhood_batch
+    from orgnn.reconstruction.training import train_neighbourhoods
 
     train = tiny["train"]
     imprinted = train_orgnn(train, TrainConfig(epochs=0, outlier_scorer="none"),

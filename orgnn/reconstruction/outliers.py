@@ -42,11 +42,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orgnn.features import PartFeatures
+from orgnn.io.features import PartFeatures
+from orgnn.io.storage import iter_rows
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
-from orgnn.search import Neighbourhoods
-from orgnn.search import _normalise as _unit  # L2 per part; zero vectors stay zero
-from orgnn.storage import iter_rows
+from orgnn.retrieval.search import Neighbourhoods
+from orgnn.retrieval.search import _normalise as _unit  # L2 per part; zero vectors stay zero
 
 #: Items per exact search call of :func:`kth_neighbour_similarity`.
 KTH_SEARCH_BATCH = 65536

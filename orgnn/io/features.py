@@ -165,7 +165,7 @@ def _check_features(arr: Any, key: str, source: str) -> np.ndarray:
 def _refuse_nonfinite(arr: np.ndarray, key: str, source: str) -> None:
     """:func:`_refuse_any` for NaN/inf, one row chunk at a time (a memory-mapped array of
     millions of images is read once, never copied whole)."""
-    from orgnn.storage import chunk_rows, release_rows
+    from orgnn.io.storage import chunk_rows, release_rows
 
     rows = chunk_rows(arr)
     count, first = 0, None
@@ -360,10 +360,10 @@ def load_split_dir(directory: str | os.PathLike, splits: Iterable[str] = SPLITS,
     """Load ``directory/{split}.npz`` for each split; M and D must agree across splits.
 
     ``mapped``: ``True`` memory-maps each split's ``features`` (and ``clean_features``) in
-    place instead of reading them (:func:`orgnn.storage.load_part_features_mapped`; the
+    place instead of reading them (:func:`orgnn.io.storage.load_part_features_mapped`; the
     archive must be uncompressed, as :func:`save_part_features` writes it); ``None`` does so
     for uncompressed archives of at least :data:`MAP_FILE_BYTES`; ``False`` reads them."""
-    from orgnn.storage import load_part_features_mapped
+    from orgnn.io.storage import load_part_features_mapped
 
     directory = Path(directory)
     out: dict[str, PartFeatures] = {}

@@ -4,7 +4,7 @@ A gallery of :math:`10^7` images with 6 parts x 256 dimensions is 31 GB in float
 than the memory of most machines. Three helpers keep such arrays on disk:
 
 * :func:`map_npz_member` maps one array of an ``.npz`` archive read-only. ``np.load`` cannot
-  memory-map an ``.npz``, but ``np.savez`` (what :func:`orgnn.features.save_part_features`
+  memory-map an ``.npz``, but ``np.savez`` (what :func:`orgnn.io.features.save_part_features`
   uses) stores members *uncompressed*: the member's bytes are a plain ``.npy`` file at a fixed
   offset in the archive, so they can be mapped in place. Compressed members cannot; they are
   refused with a clear error (rewrite the archive with ``np.savez``).
@@ -14,7 +14,7 @@ than the memory of most machines. Three helpers keep such arrays on disk:
   the process.
 * :func:`take_rows` gathers scattered rows (neighbours, candidates, a training sample) from
   a map a few thousand at a time, without read-ahead, handing the pages back after each;
-* :func:`load_part_features_mapped` reads a part-feature file (:mod:`orgnn.features`) with
+* :func:`load_part_features_mapped` reads a part-feature file (:mod:`orgnn.io.features`) with
   its ``features`` mapped in place and checked chunk by chunk;
 * :func:`open_npy` creates a ``.npy`` file of a given shape and maps it writable, for
   generating or writing large arrays chunk by chunk.
@@ -165,11 +165,11 @@ def iter_rows(x: np.ndarray, rows: int | None = None,
 
 
 def load_part_features_mapped(path: str | os.PathLike):
-    """:func:`orgnn.features.load_part_features` with ``features`` (and ``clean_features``)
+    """:func:`orgnn.io.features.load_part_features` with ``features`` (and ``clean_features``)
     memory-mapped from the archive instead of read: the same checks (SPEC §7), the
     finiteness one row chunk at a time, so a 30 GB gallery file costs a few MiB of memory.
     The small arrays (visibility, labels, paths) are read as usual."""
-    from orgnn import features as F
+    from orgnn.io import features as F
 
     path = F._resolve_load_path(path)
     source = str(path)

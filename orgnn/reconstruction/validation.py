@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from orgnn.features import PartFeatures
+from orgnn.io.features import PartFeatures
 
 __all__ = ["validation_split"]
 
