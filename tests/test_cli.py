@@ -98,16 +98,17 @@ def test_reconstruct_from_memory_maps_writes_the_same_files(data_dir, tmp_path, 
     through mapped scratch files (the path of galleries too large to hold), and must write
     exactly what reading them gives; the gallery's index is built once for the query and
     gallery searches."""
+    import orgnn.io.features
     import orgnn.io.storage
     import orgnn.retrieval.search
 
     ckpt = tmp_path / "m.pt"
     assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--quiet"]) == 0
     mapped_loads, builds, streamed = [], [], []
-    real_load = orgnn.io.storage.load_part_features_mapped
+    real_load = orgnn.io.features.load_part_features_mapped
     real_build = orgnn.retrieval.search._faiss_index
     real_open = orgnn.io.storage.open_npy
-    monkeypatch.setattr(orgnn.io.storage, "load_part_features_mapped",
+    monkeypatch.setattr(orgnn.io.features, "load_part_features_mapped",
                         lambda path: mapped_loads.append(path) or real_load(path))
     monkeypatch.setattr(orgnn.io.storage, "open_npy",
                         lambda path, *a: streamed.append(Path(path).name) or real_open(path, *a))

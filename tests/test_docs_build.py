@@ -32,7 +32,7 @@ def test_docs_build_without_warnings(tmp_path):
                  "orgnn.retrieval.search.search_neighbourhoods", "orgnn.retrieval.metrics.evaluate",
                  "orgnn.datasets.synthetic", "orgnn.reconstruction.pipeline.run_ablation",
                  "orgnn.viz.plot_ranks",
-                 "orgnn.io.storage.load_part_features_mapped", "orgnn.distributed.setup",
+                 "orgnn.io.features.load_part_features_mapped", "orgnn.distributed.setup",
                  "orgnn.reconstruction.training.train_orgnn_once"):
         assert f'id="{name}"' in api, name
     cli = (out / "cli.html").read_text()

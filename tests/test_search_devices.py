@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from orgnn.io.features import PartFeatureError, PartFeatures, load_part_features, save_part_features
-from orgnn.io.storage import iter_rows, load_part_features_mapped, map_npz_member
+from orgnn.io.features import (
+    PartFeatureError,
+    PartFeatures,
+    load_part_features,
+    load_part_features_mapped,
+    save_part_features,
+)
+from orgnn.io.storage import iter_rows, map_npz_member
 from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 M, D = 6, 16

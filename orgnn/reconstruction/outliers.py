@@ -52,7 +52,8 @@ from orgnn.retrieval.search import _normalise as _unit  # L2 per part; zero vect
 KTH_SEARCH_BATCH = 65536
 
 __all__ = ["ScorerConfig", "edge_features", "context_features",
-           "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction"]
+           "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction",
+           "prior_weights"]
 
 @dataclass
 class ScorerConfig:
@@ -380,3 +381,11 @@ def fit_scorer(train: PartFeatures, nbrs: Neighbourhoods, config: ScorerConfig |
 
 def scorer_config_dict(config: ScorerConfig) -> dict[str, Any]:
     return asdict(config)
+
+
+def prior_weights(prob: np.ndarray, gamma: float, target_weight: float = 1.0) -> np.ndarray:
+    r"""``(N, 1 + K)`` OR-GNN node weights from same-identity probabilities ``(N, K)``: the
+    target's own weight first, then :math:`p^\gamma` per neighbour (0 where padded)."""
+    prob = np.asarray(prob, dtype=np.float32)
+    return np.concatenate([np.full((prob.shape[0], 1), target_weight, np.float32),
+                           np.clip(prob, 0, 1) ** gamma], axis=1)

@@ -25,8 +25,8 @@ from orgnn.io.features import PartFeatures
 from orgnn.nn import ORGNN
 from orgnn.reconstruction.calibration import calibrate_theta
 from orgnn.reconstruction.graphs import map_dense_batches
-from orgnn.reconstruction.outliers import score_split
-from orgnn.reconstruction.training import SearchConfig, TrainConfig, prior_weights, train_orgnn_once
+from orgnn.reconstruction.outliers import prior_weights, score_split
+from orgnn.reconstruction.training import SearchConfig, TrainConfig, train_orgnn_once
 from orgnn.retrieval import metrics
 from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 

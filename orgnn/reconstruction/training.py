@@ -45,7 +45,7 @@ from orgnn.nn import ORGNN
 from orgnn.nn.neighbour_scorer import NeighbourScorer
 from orgnn.reconstruction.calibration import DEFAULT_QUANTILE, calibrate_theta
 from orgnn.reconstruction.graphs import dense_neighbourhood_batch, map_dense_batches
-from orgnn.reconstruction.outliers import ScorerConfig, fit_scorer, score_split
+from orgnn.reconstruction.outliers import ScorerConfig, fit_scorer, prior_weights, score_split
 from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 CHECKPOINT_FORMAT = "orgnn-checkpoint-v1"
@@ -127,14 +127,6 @@ def train_neighbourhoods(train: PartFeatures, config: TrainConfig) -> Neighbourh
     return search_neighbourhoods(
         train.features, train.visible, train.features, k=config.k, theta=config.theta,
         mode=config.mode, exclude=np.arange(train.num_images))
-
-
-def prior_weights(prob: np.ndarray, gamma: float, target_weight: float = 1.0) -> np.ndarray:
-    r"""``(N, 1 + K)`` OR-GNN node weights from same-identity probabilities ``(N, K)``: the
-    target's own weight first, then :math:`p^\gamma` per neighbour (0 where padded)."""
-    prob = np.asarray(prob, dtype=np.float32)
-    return np.concatenate([np.full((prob.shape[0], 1), target_weight, np.float32),
-                           np.clip(prob, 0, 1) ** gamma], axis=1)
 
 
 def pk_batches(labels: np.ndarray, ids_per_batch: int, sets_per_id: int,
