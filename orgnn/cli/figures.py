@@ -180,7 +180,7 @@ def _images_root(args: argparse.Namespace) -> Path | None:
 
 
 def _rows(text: str) -> list[str]:
-    return text.split(",")  # checked while parsing (cli_args.choices_list)
+    return text.split(",")  # checked while parsing (cli.args.choices_list)
 
 
 def _helped_most(dists: dict, query, gallery, top: int, count: int = 3) -> list[int]:
