@@ -28,6 +28,7 @@ MOVED = {
     "orgnn.io_atomic": "orgnn.io.atomic",
     "orgnn.search": "orgnn.retrieval.search",
     "orgnn.metrics": "orgnn.retrieval.metrics",
+    "orgnn.query_expansion": "orgnn.retrieval.query_expansion",
     "orgnn.outliers": "orgnn.reconstruction.outliers",
     "orgnn.calibration": "orgnn.reconstruction.calibration",
     "orgnn.validation": "orgnn.reconstruction.validation",

@@ -39,7 +39,7 @@ DEFAULT_EPOCHS = 0
 #: Rows of SPEC §6 (a copy, so that ``--help`` does not import torch; a test keeps it equal
 #: to :data:`orgnn.reconstruction.pipeline.ABLATION_ROWS`).
 ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn", "baseline_rr", "oan_rr",
-        "orgnn_rr", "upper_bound")
+        "orgnn_rr", "upper_bound", "vis_global", "vis_global_rr", "aqe", "aqe_rr")
 #: Memory one batch of reconstructed graphs may take (bytes); the batch size follows ``--k``.
 GRAPH_BATCH_BYTES = 1 << 30
 
