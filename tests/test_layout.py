@@ -91,6 +91,8 @@ def test_layout_is_what_the_docs_say():
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_data_flows_one_way(name):
+    assert stage(name) in ALLOWED, (f"{name}: a new top-level module; put it in the sub-package "
+                                    f"of its stage (docs/layout.md) or add its stage here")
     allowed = ALLOWED[stage(name)] | EXTRA.get(name, set()) | {stage(name)}
     found = imports(MODULES[name])
     wrong = {n for n in ours(found) if stage(n) not in allowed}
