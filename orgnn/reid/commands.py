@@ -194,9 +194,9 @@ def _one_line_bad_image(run: Callable[[], int]) -> int:
 
 
 def _compact_committed(start: int, many: str | None = None) -> None:
-    """Keep :data:`orgnn.io_atomic.committed` (what an interrupted command reports as
+    """Keep :data:`orgnn.io.atomic.committed` (what an interrupted command reports as
     written) short: each path once, and the masks of ``orgnn masks`` as one entry."""
-    from orgnn.io_atomic import committed
+    from orgnn.io.atomic import committed
 
     new = list(dict.fromkeys(committed[start:]))
     if many is not None and len(new) > 1:
@@ -205,7 +205,7 @@ def _compact_committed(start: int, many: str | None = None) -> None:
 
 
 def _masks(args) -> int:
-    from orgnn.io_atomic import committed
+    from orgnn.io.atomic import committed
     from orgnn.reid.engine import resolve_device
     from orgnn.reid.masks import build_mask_rcnn, write_masks
 
@@ -236,7 +236,7 @@ def _train(args, task: str) -> int:
             "backbone_weights", "pretrained", "seed", "workers", "device", "amp", "resume",
             "max_steps", "checkpoint_every", "on_bad_image", "allow_bad_masks", "progress")
     cfg = TrainConfig(task=task, **{k: getattr(args, k) for k in keys if hasattr(args, k)})
-    from orgnn.io_atomic import committed
+    from orgnn.io.atomic import committed
 
     start = len(committed)
     try:

@@ -1,6 +1,6 @@
 """Small file helpers shared by the image side: checked image reading, checkpoint writes.
 
-Outputs go through the graph side's :func:`orgnn.io_atomic.atomic_write` (temporary sibling,
+Outputs go through the graph side's :func:`orgnn.io.atomic.atomic_write` (temporary sibling,
 fsync, one rename, mode ``0o666 & ~umask``), so both sides write files the same way.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from orgnn.io_atomic import atomic_write
+from orgnn.io.atomic import atomic_write
 
 __all__ = ["BadImageError", "read_image", "atomic_torch_save", "mask_path_for"]
 
@@ -61,7 +61,7 @@ def read_image(path: str | os.PathLike, mode: str = "RGB"):
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` through :func:`orgnn.io_atomic.atomic_write`: complete or absent."""
+    """``torch.save`` through :func:`orgnn.io.atomic.atomic_write`: complete or absent."""
     import torch
 
     return atomic_write(path, lambda handle: torch.save(obj, handle))

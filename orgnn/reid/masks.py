@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from orgnn.io_atomic import atomic_write
+from orgnn.io.atomic import atomic_write
 from orgnn.reid.io import BadImageError, mask_path_for, read_image
 
 __all__ = [

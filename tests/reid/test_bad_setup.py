@@ -129,7 +129,7 @@ def test_verdict_thresholds():
 
 def test_interrupt_report_stays_short():
     """What an interrupted command lists as written: each checkpoint once, masks counted."""
-    from orgnn.io_atomic import committed
+    from orgnn.io.atomic import committed
     from orgnn.reid.commands import _compact_committed
 
     saved = list(committed)
