@@ -35,7 +35,7 @@ __all__ = ["register", "write_json_atomic"]
 
 #: Eq. 7 epochs after the outlier scorer is trained: 0, measured best on a validation split
 #: of cuhk03-parts' training identities (docs/results.md); the paper trains 120.
-DEFAULT_EPOCHS = 0
+DEFAULT_EPOCHS = 6
 #: Rows of SPEC §6 (a copy, so that ``--help`` does not import torch; a test keeps it equal
 #: to :data:`orgnn.reconstruction.pipeline.ABLATION_ROWS`).
 ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn", "baseline_rr", "oan_rr",
@@ -187,9 +187,20 @@ def _add_train_options(p: argparse.ArgumentParser, min_epochs: int = 0) -> None:
                    help="how the target node starts: its visible parts with the hidden ones "
                         "from the neighbours' mean (default, measured best), the neighbours' "
                         "mean (the paper) or its own feature")
-    g.add_argument("--classifier-init", default="imprint", choices=["imprint", "random"],
-                   help="how the Eq. 7 classifier starts: the class means of the untrained "
-                        "network's outputs (default, measured best) or small random weights")
+    g.add_argument("--classifier-init", default="random", choices=["random", "imprint"],
+                   help="how the Eq. 7 classifier starts: small random weights (default, "
+                        "measured best) or the class means of the untrained network's outputs")
+    g.add_argument("--triplet-weight", type=float_range(0.0), default=1.0,
+                   help="weight (>= 0) of a batch-hard triplet loss (margin 0.3) on the "
+                        "reconstructed targets' retrieval distance, beside Eq. 7 (default 1, "
+                        "measured best; 0: Eq. 7 alone, the paper)")
+    g.add_argument("--transform-lr", type=float_range(0.0, lo_open=True), default=1.0,
+                   help="learning-rate multiplier (> 0) of the layers' transform W "
+                        "(default 1)")
+    g.add_argument("--output-bn", default="off", choices=["off", "on"],
+                   help="retrieve with the raw output (off: default, the paper) or the Eq. 7 "
+                        "head's batch-normalised output (on: the BNNeck convention; it "
+                        "helped Eq. 7 alone, not with the triplet term)")
     g.add_argument("--recon-weight", type=float_range(0.0), default=0.0,
                    help="weight (>= 0) of an extra loss pulling the reconstruction towards "
                         "the same image without occluder; needs that image's features as "
@@ -224,6 +235,8 @@ def _configs(args: argparse.Namespace):
     train = TrainConfig(epochs=args.epochs, k=args.train_k, theta=args.train_theta,
                         mode=search.mode, init=args.init, target_init=args.target_init,
                         classifier_init=args.classifier_init,
+                        triplet_weight=args.triplet_weight, transform_lr=args.transform_lr,
+                        output_bn=args.output_bn == "on",
                         recon_weight=args.recon_weight, seed=args.seed,
                         outlier_scorer=args.outlier_scorer, scorer_stages=args.scorer_stages,
                         scorer_gamma=args.scorer_gamma, act=args.act)

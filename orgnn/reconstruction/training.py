@@ -19,11 +19,20 @@ OR-GNN's prior node weights, in training as at inference, and the scorer travels
 ``K`` and a threshold calibrated on the training split (:mod:`orgnn.reconstruction.calibration`)
 unless ``theta`` is given.
 
-Before the first step the classifier is imprinted (``classifier_init="imprint"``, the
-default): it starts as the nearest-class-mean classifier of the untrained network's outputs
-(:meth:`~orgnn.ORGNN.imprint_classifier`), so the first gradients refine the reconstruction
-for classes it already separates instead of pulling it towards a random head.
-``"random"`` keeps the small random start.
+The Eq. 7 classifier starts small and random (``classifier_init="random"``, the default):
+its starting loss is about :math:`\ln C`. ``"imprint"`` starts it as the nearest-class-mean
+classifier of the untrained network's outputs (:meth:`~orgnn.ORGNN.imprint_classifier`);
+on real features those class means are unnormalised and large (top-1 logit about 139 on
+cuhk03-parts, a starting loss above :math:`\ln C`), and the first steps damage
+:math:`\mathbf{W}` (see ``docs/results.md``).
+
+By default a batch-hard triplet term on the retrieval distance (SPEC §5) joins Eq. 7
+(``triplet_weight=1``, margin 0.3, as FEN's loss). ``output_bn=True`` retrieves with the
+head's batch-normalised feature instead (the BNNeck convention: the classifier sees
+:math:`\mathrm{BN}(\mathbf{x}^T)`, the triplet sees :math:`\mathbf{x}^T`); it helped
+Eq. 7 alone and made no difference with the triplet term, so it is off.
+The paper's literal configuration is ``triplet_weight=0`` with ``outlier_scorer="none"``,
+``act="relu"`` and ``target_init="mean"``.
 """
 from __future__ import annotations
 
@@ -97,10 +106,10 @@ class TrainConfig:
     outlier_aware: bool = True
     target_init: str = "visible"              # measured best; "mean" is the paper's
     init: str = "identity"
-    classifier_init: str = "imprint"          # measured best; "random" is the usual start
+    classifier_init: str = "random"           # measured best; "imprint": class means
     recon_weight: float = 0.0
     ce_weight: float = 1.0
-    triplet_weight: float = 0.0               # batch-hard triplet on the retrieval distance
+    triplet_weight: float = 1.0               # batch-hard triplet on the retrieval distance
     triplet_margin: float = 0.3
     transform_lr: float = 1.0                 # lr multiplier of W (and its bias)
     output_bn: bool = False                   # retrieve on BN(x^T), the BNNeck feature
