@@ -90,12 +90,15 @@ def _save(fig, out: str | os.PathLike, dpi: int) -> dict[str, Any]:
     tmp = out.with_name(f".{out.name}.tmp.png")
     try:
         fig.savefig(tmp, dpi=dpi, format="png")
+        with open(tmp, "rb") as handle:  # the PNG's own size (IHDR: width, height)
+            header = handle.read(24)
+        width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24],
+                                                                            "big")
         os.replace(tmp, out)
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
-    width, height = fig.get_size_inches() * dpi
-    return {"path": str(out), "size": (int(round(width)), int(round(height)))}
+    return {"path": str(out), "size": (width, height)}
 
 
 # --------------------------------------------------------------------------------------
