@@ -458,13 +458,14 @@ def test_lazy_in_channels(cls):
             2, 6)
 
 
-def test_to_hetero_with_edges_between_node_types():
+@pytest.mark.parametrize("in_channels", [-1, (-1, -1)])   # (-1, -1): the GATConv habit
+def test_to_hetero_with_edges_between_node_types(in_channels):
     from torch_geometric.nn import to_hetero
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = ORGNNConv(-1, 6, act=None)
+            self.conv = ORGNNConv(in_channels, 6, act=None)
 
         def forward(self, x, edge_index):
             return self.conv(x, edge_index)
