@@ -179,8 +179,9 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
     stage = _StageBar(progress, calibrate=config.theta is None, search=neighbourhoods is None,
                       scorer_stages=config.scorer_stages if scoring else 0,
                       imprint=config.classifier_init == "imprint")
-    stage("calibrate theta")
-    config = resolve_theta(train, config)
+    if config.theta is None:
+        stage("calibrate theta")
+        config = resolve_theta(train, config)
     if config.classifier_init not in CLASSIFIER_INITS:
         raise ValueError(f"classifier_init must be one of {CLASSIFIER_INITS}, got "
                          f"{config.classifier_init!r}")

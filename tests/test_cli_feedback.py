@@ -137,3 +137,14 @@ def test_demo_shows_stage_progress_and_no_empty_epoch_bar(capsys):
     assert "OR-GNN training" in captured.err and "stages" in captured.err
     assert "epoch" not in captured.err
     assert "search: visible-mean, K=30, theta=" in captured.out      # what the model used
+
+
+@pytest.mark.parametrize("theta, total", [(None, 8), (0.3, 7)])
+def test_stage_bar_counts_every_stage_once(world, capsys, theta, total):
+    from orgnn.training import TrainConfig, train_orgnn
+
+    train_orgnn(world["splits"]["train"], TrainConfig(epochs=0, theta=theta, k=10),
+                progress=True)
+    err = capsys.readouterr().err
+    assert f"{total}/{total} stages" in err and f"{total + 1}/{total}" not in err
+    assert ("calibrate theta" in err) == (theta is None)
