@@ -12,8 +12,8 @@ import torch
 
 from orgnn.cli import main
 from orgnn.datasets import synthetic_preset
-from orgnn.features import PartFeatures, save_split_dir
-from orgnn.training import (
+from orgnn.io.features import PartFeatures, save_split_dir
+from orgnn.reconstruction.training import (
     FINGERPRINT_LEVELS,
     describe_file,
     feature_fingerprint,
@@ -141,7 +141,7 @@ def test_demo_shows_stage_progress_and_no_empty_epoch_bar(capsys):
 
 @pytest.mark.parametrize("theta, total", [(None, 8), (0.3, 7)])
 def test_stage_bar_counts_every_stage_once(world, capsys, theta, total):
-    from orgnn.training import TrainConfig, train_orgnn
+    from orgnn.reconstruction.training import TrainConfig, train_orgnn
 
     train_orgnn(world["splits"]["train"], TrainConfig(epochs=0, theta=theta, k=10),
                 progress=True)
