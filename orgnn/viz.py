@@ -73,6 +73,16 @@ _GREEN, _RED, _QUERY = "#1a9641", "#d7191c", "#2b2b2b"
 MIN_EDGE_WIDTH, MAX_EDGE_WIDTH = 0.4, 4.0
 
 
+def require_matplotlib(what: str = "orgnn.viz") -> None:
+    """Raise a one-line :class:`ValueError` naming the ``viz`` extra when matplotlib is
+    missing (for commands to check before any work)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{what} draws with matplotlib, which is not installed: "
+                         f'pip install "orgnn[viz]" (or pip install matplotlib)') from None
+
+
 def _pyplot():
     import matplotlib
 

@@ -119,12 +119,10 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def need_matplotlib(command: str) -> None:
     """Refuse a figure command before any work when matplotlib is missing, naming the
-    extra that brings it."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ValueError(f"`orgnn {command}` draws with matplotlib, which is not installed: "
-                         f'pip install "orgnn[viz]" (or pip install matplotlib)') from None
+    extra that brings it (:func:`orgnn.viz.require_matplotlib`)."""
+    from orgnn.viz import require_matplotlib
+
+    require_matplotlib(f"`orgnn {command}`")
 
 
 def _image_note(args: argparse.Namespace, root: Path | None, splits: dict, found: int,
