@@ -22,6 +22,7 @@ import numpy as np
 
 from orgnn.cli.args import (
     choices_list,
+    device,
     float_range,
     input_dir,
     input_file,
@@ -142,7 +143,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq"],
                    help="exact (flat), IVF, or IVF-PQ with exact re-ranking (galleries of "
                         "millions; see docs/scale.md)")
-    g.add_argument("--device", default=None, metavar="DEV",
+    g.add_argument("--device", default=None, metavar="DEV", type=device,
                    help="torch device for the exact search and the OR-GNN (cpu, cuda, "
                         "cuda:1, auto); default: faiss search and the OR-GNN on the CPU. "
                         "Under torchrun, cuda means cuda:LOCAL_RANK")
@@ -324,6 +325,45 @@ def check_checkpoint(model, checkpoint: str, pf, source: str) -> None:
                          f"use a checkpoint trained on this data (`orgnn train`)")
 
 
+def check_feature_space(model, checkpoint: str, pf, source: str) -> None:
+    """Warn, naming both files, when ``pf``'s random-pair part cosines are far from those
+    of the features the checkpoint was trained on (its θ then means something else here).
+    Checkpoints without a fingerprint (older ones) are not checked."""
+    from orgnn.reconstruction.training import feature_fingerprint, fingerprint_mismatch
+
+    space = getattr(model, "feature_space", None) or {}
+    theirs = space.get("pair_cosine_quantiles")
+    if not theirs:
+        return
+    ours = feature_fingerprint(pf.features)
+    if fingerprint_mismatch(theirs, ours):
+        trained = space.get("source", "its training data")
+        theta = getattr(getattr(model, "train_config", None), "theta", None)
+        warn(f"{source} does not look like the features checkpoint {checkpoint} was trained "
+             f"on ({trained}): the median part cosine of random image pairs is "
+             f"{ours[2]:.2f} here, {theirs[2]:.2f} there (5-95%: {theirs[0]:.2f}-"
+             f"{theirs[-1]:.2f})" + (f", so its theta {theta:.3f} means something else"
+                                     if theta is not None else "")
+             + "; train a checkpoint on this data (`orgnn train`)")
+
+
+def warn_if_mostly_empty(num_empty: int, total: int, source: str, args: argparse.Namespace,
+                         model=None) -> None:
+    """Warn when a quarter or more of ``source``'s images found no neighbour (they are
+    reconstructed from themselves alone), and say what to do."""
+    if not total or num_empty < 0.25 * total:
+        return
+    theta = args.theta
+    if theta is None:
+        theta = getattr(getattr(model, "train_config", None), "theta", None)
+    where = "given by --theta" if args.theta is not None else "from the checkpoint"
+    warn(f"{num_empty} of {total} images of {source} have no neighbour at K={args.k}"
+         + (f", theta={theta:.3f} ({where})" if theta is not None else "")
+         + ": they are reconstructed from themselves alone. The threshold does not suit "
+           "these features: use a checkpoint trained on this data (`orgnn train`), or pass a "
+           "lower --theta")
+
+
 def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None) -> int:
     """Graphs per reconstruction batch so that one batch's tensors stay near
     :data:`GRAPH_BATCH_BYTES` (about 8 float32 copies of ``(B, M, K + 1, F)``)."""
@@ -395,7 +435,12 @@ def _ablation(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from orgnn.io.features import load_split_dir
-    from orgnn.reconstruction.training import save_checkpoint, train_orgnn
+    from orgnn.reconstruction.training import (
+        FINGERPRINT_LEVELS,
+        feature_fingerprint,
+        save_checkpoint,
+        train_orgnn,
+    )
 
     splits = load_split_dir(args.data, splits=("train",))
     if args.validation_split is not None:
@@ -406,12 +451,24 @@ def _train(args: argparse.Namespace) -> int:
         print(f"training on {held['train'].num_images} images; "
               f"{held['query'].num_images + held['gallery'].num_images} of held-out identities "
               "left out")
-    fit_to_data(args, splits, _data_prefix(args.data))
-    visibility_warnings(splits, _data_prefix(args.data))
-    config = _configs(args).train
-    model = train_orgnn(splits["train"], config, progress=not args.quiet)
-    save_checkpoint(args.out, model, model.train_config)  # theta as calibrated
-    print(f"wrote {args.out}")
+    where = _data_prefix(args.data)
+    fit_to_data(args, splits, where)
+    visibility_warnings(splits, where)
+    train = splits["train"]
+    print(f"training on {where}train.npz: {train.num_images} images, "
+          f"{len(np.unique(train.pids))} identities, {train.num_parts} parts x "
+          f"{train.dim}-d", flush=True)
+    model = train_orgnn(train, _configs(args).train, progress=not args.quiet)
+    config = model.train_config  # theta as calibrated
+    space = {"pair_cosine_quantiles": feature_fingerprint(train.features),
+             "levels": list(FINGERPRINT_LEVELS), "source": f"{where}train.npz"}
+    save_checkpoint(args.out, model, config, feature_space=space)
+    how = ("given by --train-theta" if args.train_theta is not None else
+           f"calibrated on the training split: {config.theta_quantile:.0%} of right "
+           f"neighbours fall below it")
+    print(f"wrote {args.out}: theta {config.theta:.3f} ({how}), K {config.k}, "
+          f"{config.mode} search; `orgnn reconstruct` searches with this theta unless "
+          f"--theta is given")
     return 0
 
 
@@ -433,6 +490,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     where = _data_prefix(args.data)
     for name, pf in splits.items():
         check_checkpoint(model, args.checkpoint, pf, f"{where}{name}.npz")
+    check_feature_space(model, args.checkpoint, splits["gallery"], f"{where}gallery.npz")
     fit_to_data(args, splits, where)
     visibility_warnings(splits, where)
     gallery = splits["gallery"]
@@ -462,6 +520,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
             if main:
                 print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours",
                       flush=True)
+                warn_if_mostly_empty(nbrs.num_empty, len(target), f"{where}{name}.npz",
+                                     args, model)
         distributed.finish()
         if not main:  # rank 0 holds the gathered set and writes it
             return 0
