@@ -2,11 +2,18 @@
 
 Started by ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1`` in the environment), a command
 calls :func:`setup`, which joins the default ``torch.distributed`` process group (NCCL when
-the device is CUDA, gloo on CPU). From then on :func:`orgnn.pipeline.search_split` and
-:func:`orgnn.pipeline.reconstruct` give each rank its own share of the images
-(:func:`shard`) and all-gather the pieces, so every rank holds the whole result and rank 0
-writes it (:func:`is_main`). Every rank searches the same gallery (a memory-mapped file is
-one copy in the page cache, whatever the number of ranks).
+the device is CUDA, gloo on CPU). From then on every stage gives each rank its own share
+of the images (:func:`shard`): the searches (:func:`orgnn.pipeline.search_split`, the
+training split's in :func:`orgnn.calibration.calibrate_theta`), the outlier scorer's
+k-th-neighbour similarities and features (:func:`orgnn.outliers.score_split`) and the
+OR-GNN batches (:func:`orgnn.pipeline.reconstruct`). What a later stage reads at any row
+(neighbourhoods, the gallery's scorer probabilities: ``(N, K)`` arrays) is all-gathered, so
+every rank holds it; the reconstructed features, the one large result, are gathered on rank
+0 alone (:func:`map_rows` with ``to="main"``; ``None`` on the other ranks), which writes
+them (:func:`is_main`). Every rank searches the same gallery (a memory-mapped file is one
+copy in the page cache, whatever the number of ranks). Inside :func:`local` (rank 0
+training alone, :func:`orgnn.training.train_orgnn_once`) every call acts as in a single
+process.
 
 **Same files with one process or many, at the same thread count per process.** Shares
 are whole *blocks* of a fixed size (the reconstruction batch, the scorer's feature chunk),

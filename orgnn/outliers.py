@@ -384,9 +384,9 @@ def _context(split: _Split, gallery: PartFeatures, prob: np.ndarray,
 def score_split(scorer: NeighbourScorer, gallery: PartFeatures,
                 gallery_nbrs: Neighbourhoods, targets: PartFeatures | None = None,
                 target_nbrs: Neighbourhoods | None = None, chunk_size: int | None = None,
-                *, kth_method: str = "auto", index: str = "auto", nprobe: int | None = None,
-                device: str | None = None, index_cache: dict | None = None
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+                *, kth: np.ndarray | None = None, kth_method: str = "auto",
+                index: str = "auto", nprobe: int | None = None, device: str | None = None,
+                index_cache: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Same-identity probabilities of the gallery's own neighbourhoods and (optionally) of
     ``targets``' neighbourhoods in the gallery, through every stage of ``scorer``.
 
@@ -397,7 +397,8 @@ def score_split(scorer: NeighbourScorer, gallery: PartFeatures,
     depend on nothing but its chunk. The edge features are kept between stages where all of
     them fit the budget, else computed again. The k-th-neighbour similarities come from
     :func:`kth_neighbour_similarity` (``kth_method``; ``index``, ``nprobe``, ``device``
-    and ``index_cache`` are the neighbourhood search's, whose index it shares).
+    and ``index_cache`` are the neighbourhood search's, whose index it shares), unless
+    given as ``kth`` ``(G, M)``.
 
     Under ``torchrun`` each rank scores whole chunks of its share of each side (the chunk
     grid of one process: the same bits) and the probabilities are all-gathered after each
@@ -408,9 +409,9 @@ def score_split(scorer: NeighbourScorer, gallery: PartFeatures,
     """
     if targets is not None and target_nbrs is None:
         raise ValueError("score_split: targets need target_nbrs")
-    kth_sims = kth_neighbour_similarity(gallery.features, scorer.kth, method=kth_method,
-                                        index=index, nprobe=nprobe, device=device,
-                                        index_cache=index_cache)
+    kth_sims = kth if kth is not None else kth_neighbour_similarity(
+        gallery.features, scorer.kth, method=kth_method, index=index, nprobe=nprobe,
+        device=device, index_cache=index_cache)
     sides = [(gallery, gallery_nbrs)] + ([(targets, target_nbrs)] if targets is not None
                                          else [])
     sizes = [_chunk_size(chunk_size, nbrs, gallery_nbrs, gallery.features)
