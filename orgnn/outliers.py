@@ -46,16 +46,13 @@ import torch.nn.functional as F
 from orgnn import distributed
 from orgnn.features import PartFeatures
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
-from orgnn.search import Neighbourhoods, kth_part_similarity
+from orgnn.search import Neighbourhoods, kth_part_similarity, resolve_index
 from orgnn.search import _normalise as _unit  # L2 per part; zero vectors stay zero
 from orgnn.storage import iter_rows, memory_budget, rows_for, take_rows
 
 #: Items per exact search call of :func:`kth_neighbour_similarity`.
 KTH_SEARCH_BATCH = 65536
 KTH_METHODS = ("auto", "exact", "index")
-#: Galleries up to this many items get the exact k-th similarity with ``method="auto"``
-#: (measured in ``docs/scale.md``: ...).
-EXACT_KTH_MAX = 20_000
 
 __all__ = ["ScorerConfig", "edge_features", "context_features", "feature_rows",
            "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction"]
@@ -123,8 +120,10 @@ def kth_neighbour_similarity(gallery: np.ndarray, k: int,
       ``index_cache`` shares it), its ``8 k`` candidates re-scored exactly per part. With
       ``index="ivfpq"`` (what ``"auto"`` picks beyond
       :data:`orgnn.search.AUTO_EXACT_MAX` items) no step is :math:`O(G^2)`;
-    * ``method="auto"`` (default): ``exact`` up to :data:`EXACT_KTH_MAX` items (measured:
-      below it the exact search is the faster one), ``index`` beyond.
+    * ``method="auto"`` (default): ``exact`` where the search itself is exact (``index``
+      resolves to ``"flat"``: :func:`orgnn.search.resolve_index`, up to
+      :data:`orgnn.search.AUTO_EXACT_MAX` items with ``"auto"``), ``index`` otherwise. One
+      switch, ``index``, makes the whole path exact or approximate.
 
     Under ``torchrun`` each rank searches its share of the items (all-gathered).
     """
@@ -135,7 +134,7 @@ def kth_neighbour_similarity(gallery: np.ndarray, k: int,
     if g < 2:
         return np.zeros((g, m), dtype=np.float32)
     if method == "auto":
-        method = "exact" if g <= EXACT_KTH_MAX else "index"
+        method = "exact" if resolve_index(index, g) == "flat" else "index"
     if method == "index":
         def rows_kth(rows: slice) -> np.ndarray:
             ids = np.arange(g)[rows]

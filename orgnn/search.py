@@ -81,9 +81,12 @@ KTH_POOL = 8
 #: faiss wants at least this many training points per IVF list.
 MIN_POINTS_PER_LIST = 39
 #: IVF lists visited per query when ``nprobe`` is None: ``nlist // NPROBE_DIVISOR``, at least
-#: :data:`MIN_NPROBE` (measured in ``docs/scale.md``: recall >= 0.95 up to 10^6 items).
-NPROBE_DIVISOR = 16
-MIN_NPROBE = 16
+#: :data:`MIN_NPROBE` (measured in ``docs/scale.md``: on cuhk03-parts' real features 16 of
+#: 48 lists found 0.92 of the exact neighbours and cost 1.5 mAP, 32 lost 0.15 mAP; on the
+#: synthetic galleries the time per query hardly depends on it, the exact re-ranking of
+#: the candidates dominates).
+NPROBE_DIVISOR = 8
+MIN_NPROBE = 32
 #: Candidates per kept neighbour that ``ivfpq`` re-ranks exactly when ``refine`` is None.
 DEFAULT_REFINE = 8
 #: Extra candidates the exact indexes fetch beyond K, so that a last-bit difference in a BLAS
@@ -254,7 +257,7 @@ def search_neighbourhoods(
         nlist: IVF lists; default ``sqrt(G)``, clamped to ``G // 39`` so every list has
             enough training points (below 39 points the search falls back to flat, with a
             warning).
-        nprobe: IVF lists visited per query; default ``max(16, nlist // 16)``
+        nprobe: IVF lists visited per query; default ``max(32, nlist // 8)``
             (:func:`resolve_nprobe`).
         batch_size: queries per index call (fewer where the candidates of a batch would
             outgrow :func:`orgnn.storage.memory_budget`).
@@ -435,7 +438,7 @@ def kth_part_similarity(query: np.ndarray, gallery: np.ndarray, k: int, *,
 
 def resolve_nprobe(nlist: int, nprobe: int | None = None) -> int:
     """IVF lists visited per query: ``nprobe`` (at most ``nlist``), or by default
-    ``max(MIN_NPROBE, nlist // NPROBE_DIVISOR)``."""
+    ``max(MIN_NPROBE, nlist // NPROBE_DIVISOR)`` (``max(32, nlist // 8)``)."""
     if nprobe is None:
         nprobe = max(MIN_NPROBE, nlist // NPROBE_DIVISOR)
     return int(min(nprobe, nlist))
