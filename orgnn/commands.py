@@ -392,8 +392,15 @@ def _ablation(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from orgnn.distributed import env_world
     from orgnn.features import load_split_dir
     from orgnn.training import save_checkpoint, train_orgnn
+
+    if env_world()[0] != 0:
+        # Under torchrun rank 0 alone trains and writes the one checkpoint; the other
+        # ranks leave at once (no process group is joined: nothing is shared, and a rank
+        # waiting at a barrier would time out on a long training).
+        return 0
 
     splits = load_split_dir(args.data, splits=("train",))
     if args.validation_split is not None:

@@ -53,6 +53,12 @@ from orgnn.storage import iter_rows, memory_budget, rows_for, take_rows
 #: Items per exact search call of :func:`kth_neighbour_similarity`.
 KTH_SEARCH_BATCH = 65536
 KTH_METHODS = ("auto", "exact", "index")
+#: Neighbourhood lists longer than this are sampled (evenly spaced entries, the sums scaled
+#: to the whole list) in the two features that compare every neighbour with every other
+#: (``closer_than_target``, the overlaps): :math:`O(K)` work per pair instead of :math:`O(K)`
+#: per pair and neighbour. Exact for every list of at most this many entries (the
+#: default :math:`K = 30`, the training split's 30).
+PAIR_SAMPLE = 128
 
 __all__ = ["ScorerConfig", "edge_features", "context_features", "feature_rows",
            "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction"]
@@ -169,7 +175,8 @@ def feature_rows(k: int, kg: int, num_parts: int, dim: int, budget: int | None =
     :func:`orgnn.storage.memory_budget`): about six float32 copies of the ``(K, M, D)``
     neighbours, the ``(K, K)`` pair similarities (in column blocks when even one target's
     would not fit) and the ``(K, K_g)`` overlap look-ups, per target."""
-    per_row = 24 * k * num_parts * dim + 12 * k * k + 64 * k * kg
+    per_row = (24 * k * num_parts * dim + 12 * k * min(k, PAIR_SAMPLE)
+               + 64 * k * min(kg, PAIR_SAMPLE))
     return rows_for(per_row, budget)
 
 
@@ -181,7 +188,8 @@ def edge_features(target: np.ndarray, gallery: np.ndarray, gallery_visible: np.n
     Memory: a few float32 copies of the ``(Q, K, M, D)`` neighbours; the ``(Q, K, K)``
     pair similarities are formed in column blocks within
     :func:`orgnn.storage.memory_budget` (the density feature needs none of them: it is
-    linear in the neighbours).
+    linear in the neighbours), and for ``K`` above :data:`PAIR_SAMPLE` only against that
+    many evenly spaced neighbours (``closer_than_target`` then is an estimate).
 
     Args:
         target: ``(Q, M, D)`` target features.
@@ -234,7 +242,9 @@ def _pair_statistics(nbr: np.ndarray, weights: np.ndarray, vm: np.ndarray, score
     Only the target's searching parts (:math:`w_p > 0`) enter the products. The density
     is linear, :math:`\sum_l \pi_{jl} = \langle w \circ x_j, \sum_l x_l \rangle`; the
     count needs the pairs, formed ``(Q, K, L)`` in column blocks of ``L`` within the
-    memory budget."""
+    memory budget. Lists longer than :data:`PAIR_SAMPLE` (far beyond the default
+    :math:`K = 30`) are compared with that many evenly spaced neighbours and the count
+    scaled, so the work per pair stays bounded."""
     q, k, m, d = nbr.shape
     # the searching parts first (a target has at most `used` of them): 3x fewer products
     # for fully visible images, which search with two parts
@@ -249,16 +259,25 @@ def _pair_statistics(nbr: np.ndarray, weights: np.ndarray, vm: np.ndarray, score
     total = np.einsum("qk,qkf->qf", vm, x)
     self_pair = np.einsum("qkf,qkf->qk", wx, x)
     density = (np.einsum("qkf,qf->qk", wx, total) - self_pair * vm) / np.maximum(count - 1, 1)
+    # the other neighbours l: all of them, or PAIR_SAMPLE evenly spaced ones for long lists
+    pos, _ = _sample_positions(count[:, 0].astype(np.int64), k)          # (Q, S)
+    cols = np.take_along_axis(x, pos[..., None], 1)                      # (Q, S, F)
+    col_ok = np.take_along_axis(vm, pos, 1) > 0
+    if k > PAIR_SAMPLE:  # repeated positions of short lists count once
+        col_ok &= (np.arange(pos.shape[1]) < count) | (count > PAIR_SAMPLE)
     closer = np.zeros((q, k), dtype=np.float32)
-    block = rows_for(12 * q * k, at_most=k)
-    wx_t, x_t = torch.from_numpy(wx), torch.from_numpy(x)
-    for l0 in range(0, k, block):
-        l1 = min(l0 + block, k)
-        pair = (wx_t @ x_t[:, l0:l1].transpose(1, 2)).numpy()            # (Q, K, L)
-        above = (pair > score[:, :, None]) & (vm[:, None, l0:l1] > 0)
-        own = np.arange(l0, l1)
-        above[:, own, own - l0] = False                                  # l = j
-        closer += above.sum(-1)
+    others = np.zeros((q, k), dtype=np.float32)
+    block = rows_for(12 * q * k, at_most=pos.shape[1])
+    wx_t, cols_t = torch.from_numpy(wx), torch.from_numpy(np.ascontiguousarray(cols))
+    for l0 in range(0, pos.shape[1], block):
+        l1 = min(l0 + block, pos.shape[1])
+        pair = (wx_t @ cols_t[:, l0:l1].transpose(1, 2)).numpy()         # (Q, K, L)
+        other = col_ok[:, None, l0:l1] & (pos[:, None, l0:l1] != np.arange(k)[:, None])
+        closer += ((pair > score[:, :, None]) & other).sum(-1)
+        others += other.sum(-1)
+    # all the others read: the count itself; a sample: scaled to the count
+    closer = np.where(others >= count - 1, closer,
+                      closer * (count - 1) / np.maximum(others, 1)).astype(np.float32)
     return density.astype(np.float32), closer
 
 
@@ -300,17 +319,37 @@ def context_features(target: np.ndarray, target_visible: np.ndarray, gallery: np
     consensus = np.einsum("qmd,qkmd->qk", rec, _unit(take_rows(gallery, idx))) / rec.shape[1]
     consensus = np.where(valid, consensus, 0.0)
     best_consensus = np.where(valid, consensus, -np.inf).max(1, keepdims=True)
-    # Overlap of the target's neighbours l (weighted by p_tl) with neighbour j's own list.
-    their = gallery_nbrs.index[idx]                                     # (Q, K, Kg)
-    their_p = np.where(their >= 0, gallery_prob[idx], 0.0)
-    p_of_their = _lookup_row_values(index, p, their)                     # (Q, K, Kg)
+    # Overlap of the target's neighbours l (weighted by p_tl) with neighbour j's own list
+    # (estimated from PAIR_SAMPLE evenly spaced entries of that list when it is longer).
+    pos, scale = _sample_positions((gallery_nbrs.index >= 0).sum(1)[idx],
+                                   gallery_nbrs.index.shape[1])
+    their = gallery_nbrs.index[idx[..., None], pos]                       # (Q, K, S)
+    their_p = np.where(their >= 0, gallery_prob[idx[..., None], pos], 0.0)
+    p_of_their = _lookup_row_values(index, p, their)                     # (Q, K, S)
     total = np.maximum(p.sum(1, keepdims=True), 1e-6)
-    overlap = p_of_their.sum(-1) / total
-    overlap_w = (p_of_their * their_p).sum(-1) / total
+    overlap = p_of_their.sum(-1) * scale / total
+    overlap_w = (p_of_their * their_p).sum(-1) * scale / total
     out = np.stack([p, p / np.maximum(best, 1e-6), consensus,
                     consensus - np.where(np.isfinite(best_consensus), best_consensus, 0.0),
                     overlap, overlap_w], -1).astype(np.float32)
     return np.where(valid[..., None], out, 0.0)
+
+
+def _sample_positions(count: np.ndarray, width: int, sample: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Which entries of lists of ``width`` slots (``count`` valid ones first, any shape)
+    to read: all of them when ``width <= sample`` (scale 1), else ``sample`` evenly spaced
+    valid positions and the factor ``count / sample`` that turns their sum into an
+    estimate of the whole list's. Returns ``(positions (..., S), scale (...))``."""
+    sample = PAIR_SAMPLE if sample is None else sample
+    if width <= sample:
+        pos = np.broadcast_to(np.arange(width), count.shape + (width,))
+        return pos, np.ones(count.shape, np.float32)
+    i = np.arange(sample)
+    many = count[..., None] > sample
+    pos = np.where(many, i * count[..., None] // sample, i)        # (..., S)
+    scale = np.where(count > sample, count / sample, 1.0).astype(np.float32)
+    return pos, scale
 
 
 def _lookup_row_values(index: np.ndarray, values: np.ndarray, query: np.ndarray) -> np.ndarray:
