@@ -348,6 +348,205 @@ def torchrun_row(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------
+# The default method through the CLI: `orgnn train`, then `orgnn reconstruct`
+# --------------------------------------------------------------------------------------
+TRAIN_IDS = 400          # training identities (10 images each), disjoint from the gallery's
+
+
+def write_cli_world(workdir: Path, size: int, num_queries: int, seed: int = 0) -> Path:
+    """``DIR/{query,gallery}.npz`` part-feature files (SPEC §7) of the synthetic world of
+    ``size`` gallery images (float16, uncompressed: mapped by `orgnn reconstruct`), made
+    from :func:`write_world`'s gallery file chunk by chunk; reused when present."""
+    from orgnn.features import PartFeatures, save_part_features
+
+    folder = workdir / f"cli_{size}_s{seed}_{WORLD_VERSION}"
+    if (folder / "gallery.npz").exists():
+        return folder
+    gallery, query, visible, _ = write_world(workdir, size, num_queries, seed)
+    rng = np.random.default_rng([seed, 13])
+    q_ids = rng.integers(0, max(1, -(-size // IMAGES_PER_ID)), num_queries)  # as write_world
+    folder.mkdir(parents=True, exist_ok=True)
+    save_part_features(folder / "query.npz", PartFeatures(
+        query, visible.astype(np.float32), q_ids.astype(np.int64),
+        np.full(num_queries, 2, np.int64)))
+    ids = np.arange(size) // IMAGES_PER_ID
+    save_part_features(folder / "gallery.npz", PartFeatures(
+        gallery, np.ones((size, PARTS), np.float32), ids.astype(np.int64),
+        (np.arange(size) % 2).astype(np.int64)))
+    return folder
+
+
+def write_cli_train(workdir: Path, seed: int = 0) -> Path:
+    """``DIR/train.npz``: :data:`TRAIN_IDS` identities of their own (ids beyond any
+    gallery's), half of the images occluded as the queries are."""
+    from orgnn.features import PartFeatures, save_part_features
+
+    folder = workdir / f"cli_train_s{seed}_{WORLD_VERSION}"
+    if (folder / "train.npz").exists():
+        return folder
+    ids = (10 ** 8 + np.arange(TRAIN_IDS * IMAGES_PER_ID) // IMAGES_PER_ID).astype(np.int64)
+    x = _images(ids, seed, 17)
+    rng = np.random.default_rng([seed, 17])
+    visible = np.where(rng.random(len(ids))[:, None] < 0.5,
+                       PATTERNS[rng.integers(0, len(PATTERNS), len(ids))], 1.0)
+    noise = np.abs(rng.standard_normal(x.shape, dtype=np.float32)).astype(np.float16)
+    x = np.where(visible[:, :, None] > 0, x, noise)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_part_features(folder / "train.npz", PartFeatures(
+        x, visible.astype(np.float32), ids - 10 ** 8, (np.arange(len(ids)) % 2).astype(
+            np.int64)))
+    return folder
+
+
+def _cli(args_: list[str], env: dict | None = None, nproc: int = 1
+         ) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``orgnn ARGS`` (under torchrun with ``nproc`` > 1); ``(process, wall s, CPU s
+    of the children)``."""
+    import resource
+
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "orgnn.cli", *args_]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "orgnn.cli", *args_]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=_common.REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc, wall, cpu
+
+
+def train_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """`orgnn train` with its defaults (the learned scorer) on the synthetic training
+    split; reused when present."""
+    work = Path(args.workdir)
+    data = write_cli_train(work, args.seed)
+    ckpt = work / f"default_s{args.seed}_{WORLD_VERSION}.pt"
+    row: dict[str, Any] = {"train_images": TRAIN_IDS * IMAGES_PER_ID}
+    if not ckpt.exists():
+        _, row["wall_s"], row["cpu_s"] = _cli(["train", "--data", str(data), "--out",
+                                               str(ckpt), "--quiet"])
+        print(f"orgnn train: {row['wall_s']:.1f} s ({row['cpu_s']:.1f} CPU s)", flush=True)
+    return ckpt, row
+
+
+def _exact_kth(sample: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    """``(S, M)``: per part, the exact cosine of gallery items ``sample`` to their k-th
+    nearest other gallery item (streamed through the gallery, one chunk at a time)."""
+    from orgnn.search import _normalise
+    from orgnn.storage import iter_rows
+
+    q = _normalise(np.asarray(gallery[sample], np.float32))            # (S, M, D)
+    best = np.full((len(sample), PARTS, k + 1), -np.inf, np.float32)
+    for g0, chunk in iter_rows(gallery):
+        sims = np.einsum("smd,gmd->smg", q, _normalise(chunk))
+        own = sample - g0
+        inside = (own >= 0) & (own < len(chunk))
+        sims[np.flatnonzero(inside), :, own[inside]] = -np.inf
+        best = -np.partition(-np.concatenate([best, sims], -1), k, axis=-1)[..., :k + 1]
+    return -np.partition(-best, k - 1, axis=-1)[..., k - 1]
+
+
+def cli_row(size: int, ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """`orgnn reconstruct` of ``size`` gallery images and the queries with the default
+    checkpoint (``--index`` as given: ivfpq for the scaling figure), its stage timings
+    (wall, CPU, peak RSS), and, on samples, the recall of the neighbourhoods and the error
+    of the k-th similarities against the exact ones."""
+    from orgnn.search import kth_part_similarity, search_neighbourhoods
+    from orgnn.storage import map_npz_member
+    from orgnn.training import load_checkpoint
+
+    work = Path(args.workdir)
+    data = write_cli_world(work, size, args.queries, args.seed)
+    out = work / f"cli_out_{size}_{args.cli_index}"
+    timings = work / f"cli_timings_{size}_{args.cli_index}.json"
+    _, wall, cpu = _cli(["reconstruct", "--data", str(data), "--checkpoint", str(ckpt),
+                         "--out", str(out), "--index", args.cli_index, "--quiet",
+                         "--timings", str(timings)])
+    t = json.loads(timings.read_text())
+    row: dict[str, Any] = {"gallery": size, "queries": args.queries, "index": args.cli_index,
+                           "k": t["k"], "theta": t["theta"], "wall_s": wall, "cpu_s": cpu,
+                           "stages": t["stages"],
+                           "peak_rss_mib": max(v["peak_rss_mib"] for v in t["stages"].values())}
+    items = size + args.queries
+    row["wall_ms_per_item"] = 1e3 * wall / items
+    row["cpu_ms_per_item"] = 1e3 * cpu / items
+    print(f"G={size} ({args.cli_index}): {wall:.0f} s wall, {cpu:.0f} CPU s "
+          f"({row['cpu_ms_per_item']:.2f} CPU ms per item), peak RSS "
+          f"{row['peak_rss_mib']:.0f} MiB; " + ", ".join(
+              f"{k} {v['cpu_s']:.0f}" for k, v in t["stages"].items()), flush=True)
+    # recall of the neighbourhoods and the k-th similarity error, on samples
+    gallery = map_npz_member(data / "gallery.npz", "features")
+    with np.load(data / "query.npz") as z:
+        query, q_vis = z["features"], z["visibility"]
+    model, _ = load_checkpoint(ckpt)
+    rng = np.random.default_rng(5)
+    n = min(args.recall_queries or 200, size)
+    sample = np.sort(rng.choice(size, n, replace=False))
+    g_vis = np.ones((n, PARTS), np.float32)
+    kw = dict(k=t["k"], theta=t["theta"])
+    for name, feats, vis, excl in (("query", query[:n], q_vis[:n], None),
+                                   ("gallery", np.asarray(gallery[sample]), g_vis, sample)):
+        exact = search_neighbourhoods(feats, vis, gallery, device="cpu", exclude=excl, **kw)
+        approx = search_neighbourhoods(feats, vis, gallery, index=args.cli_index,
+                                       exclude=excl, **kw)
+        row[f"{name}_recall"] = recall(exact.index, approx.index)
+    exact_kth = _exact_kth(sample, gallery, model.scorer.kth)
+    approx_kth = kth_part_similarity(np.asarray(gallery[sample]), gallery, model.scorer.kth,
+                                     exclude=sample, index=args.cli_index)
+    err = exact_kth - approx_kth
+    row["kth_error"] = {"mean": float(err.mean()), "p99": float(np.quantile(err, 0.99)),
+                        "max": float(err.max()), "exact_share": float((err < 1e-5).mean())}
+    print(f"  recall@{t['k']}: query {row['query_recall']:.3f}, gallery "
+          f"{row['gallery_recall']:.3f}; k-th similarity error mean "
+          f"{row['kth_error']['mean']:.4f} (p99 {row['kth_error']['p99']:.4f})", flush=True)
+    return row
+
+
+def cuhk03_row(args: argparse.Namespace) -> dict[str, Any]:
+    """mAP of the default checkpoint (trained with `orgnn train` on cuhk03-parts' training
+    split) after `orgnn reconstruct` exact (``--index flat``) and approximate
+    (``--index ivfpq``: IVF-PQ search and the pooled k-th similarities), and with ``--k``
+    the gallery size (peak RSS)."""
+    data = Path(args.cuhk03)
+    work = Path(args.workdir) / "cuhk03"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "default.pt"
+    row: dict[str, Any] = {"data": str(data)}
+    if not ckpt.exists():
+        _, row["train_wall_s"], row["train_cpu_s"] = _cli(["train", "--data", str(data),
+                                                           "--out", str(ckpt), "--quiet"])
+    for index in ("flat", "ivfpq"):
+        out, t = work / f"out_{index}", work / f"t_{index}.json"
+        _, wall, cpu = _cli(["reconstruct", "--data", str(data), "--checkpoint", str(ckpt),
+                             "--out", str(out), "--index", index, "--quiet", "--timings",
+                             str(t)])
+        _cli(["evaluate", "--data", str(out), "--json", str(work / f"m_{index}.json")])
+        metrics = json.loads((work / f"m_{index}.json").read_text())
+        row[index] = {"wall_s": wall, "cpu_s": cpu, "mAP": metrics["mAP"],
+                      "rank1": metrics["rank1"], "stages": json.loads(t.read_text())["stages"]}
+        print(f"cuhk03-parts {index}: mAP {metrics['mAP']:.2f}, rank-1 "
+              f"{metrics['rank1']:.2f} ({wall:.0f} s)", flush=True)
+    row["mAP_change"] = row["ivfpq"]["mAP"] - row["flat"]["mAP"]
+    if args.cuhk03_full_k:
+        t = work / "t_kfull.json"
+        _, wall, cpu = _cli(["reconstruct", "--data", str(data), "--checkpoint", str(ckpt),
+                             "--out", str(work / "out_kfull"), "--k", "100000", "--quiet",
+                             "--timings", str(t)])
+        stages = json.loads(t.read_text())["stages"]
+        row["k_full"] = {"wall_s": wall, "cpu_s": cpu, "stages": stages,
+                         "peak_rss_mib": max(v["peak_rss_mib"] for v in stages.values())}
+        print(f"cuhk03-parts --k = gallery: {wall:.0f} s, peak RSS "
+              f"{row['k_full']['peak_rss_mib']:.0f} MiB", flush=True)
+    return row
+
+
+# --------------------------------------------------------------------------------------
 def report(rows: list[dict[str, Any]]) -> str:
     table = []
     nan = float("nan")
@@ -427,6 +626,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="torch vs faiss exact search on the Occluded-Duke-sized world")
     parser.add_argument("--torchrun", action="store_true",
                         help="orgnn reconstruct in 1 process vs torchrun with 2 (gloo)")
+    parser.add_argument("--cli", action="store_true",
+                        help="the default checkpoint through `orgnn train` and `orgnn "
+                             "reconstruct` at --sizes (stage times, CPU, RSS, recall)")
+    parser.add_argument("--cli-index", default="ivfpq",
+                        help="--index of the --cli runs (default ivfpq)")
+    parser.add_argument("--cuhk03", default=None, metavar="DIR",
+                        help="also: mAP of exact vs approximate path on this part-feature "
+                             "folder (e.g. /work/shared/data/cuhk03-parts/occluded)")
+    parser.add_argument("--cuhk03-full-k", action="store_true",
+                        help="with --cuhk03: also --k equal to the gallery size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--generate-only", action="store_true",
                         help="write the gallery files of --sizes and stop")
@@ -456,7 +665,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {**meta, "sizes": args.sizes, "rows": rows,
                                "arguments": {k: v for k, v in vars(args).items()
                                              if k not in ("output", "plot")}}
-    for key in ("duke_devices", "torchrun"):
+    for key in ("duke_devices", "torchrun", "cuhk03", "cli"):
         if key in old:
             payload[key] = old[key]
 
@@ -475,6 +684,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.torchrun:
         payload["torchrun"] = {**torchrun_row(args), "run_command": meta["command"]}
         save()
+    if args.cuhk03:
+        payload["cuhk03"] = {**cuhk03_row(args), "run_command": meta["command"]}
+        save()
+    if args.cli:
+        ckpt, train_row = train_checkpoint(args)
+        cli_rows = {str(r["gallery"]) + r["index"]: r for r in old.get("cli", {}).get(
+            "rows", [])}
+        payload["cli"] = {"train": train_row, "rows": list(cli_rows.values())}
+        for size in args.sizes:
+            row = cli_row(size, ckpt, args)
+            row["run_command"] = meta["command"]
+            cli_rows[str(size) + args.cli_index] = row
+            payload["cli"]["rows"] = sorted(cli_rows.values(),
+                                            key=lambda r: (r["index"], r["gallery"]))
+            save()
+        return payload
     for size in args.sizes:
         t0 = time.perf_counter()
         row = run_size(size, args)

@@ -433,7 +433,7 @@ def score_split(scorer: NeighbourScorer, gallery: PartFeatures,
     targets at a time (default: as many as :func:`feature_rows` fits in the memory budget)
     and each chunk goes through the stage's MLP on its own, so a target's probabilities
     depend on nothing but its chunk. The edge features are kept between stages where all of
-    them fit the budget, else computed again. The k-th-neighbour similarities come from
+    them fit a quarter of the budget, else computed again. The k-th-neighbour similarities come from
     :func:`kth_neighbour_similarity` (``kth_method``; ``index``, ``nprobe``, ``device``
     and ``index_cache`` are the neighbourhood search's, whose index it shares), unless
     given as ``kth`` ``(G, M)``.
@@ -454,7 +454,7 @@ def score_split(scorer: NeighbourScorer, gallery: PartFeatures,
                                          else [])
     sizes = [_chunk_size(chunk_size, nbrs, gallery_nbrs, gallery.features)
              for _, nbrs in sides]
-    keep = sum(n.index.size for _, n in sides) * 4 * len(EDGE_FEATURES) <= memory_budget()
+    keep = sum(n.index.size for _, n in sides) * 4 * len(EDGE_FEATURES) <= memory_budget() / 4
     bases: dict[tuple[int, int], np.ndarray] = {}
 
     def base(i: int, sl: slice) -> np.ndarray:

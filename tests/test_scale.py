@@ -31,12 +31,12 @@ def test_byte_sizes_and_the_budget():
 
 
 def test_graph_batches_shrink_with_k_and_count_the_affinities():
-    # per graph: M (K + 1) (32 F + 24 (K + 1)) bytes
+    # per graph: M (K + 1) (32 F + 56 (K + 1)) bytes
     assert graph_batch_size(30, 6, 256, budget=1 << 30) == (1 << 30) // (
-        6 * 31 * (32 * 256 + 24 * 31))
+        6 * 31 * (32 * 256 + 56 * 31))
     assert graph_batch_size(1, 1, 4, budget=1 << 30) == 2048
-    assert graph_batch_size(2326, 6, 256, budget=1 << 30) == (1 << 30) // (
-        6 * 2327 * (32 * 256 + 24 * 2327))
+    assert graph_batch_size(2326, 6, 256, budget=4 << 30) == (4 << 30) // (
+        6 * 2327 * (32 * 256 + 56 * 2327))
     assert graph_batch_size(10 ** 6, 6, 256, budget=1 << 30) == 1
 
 
