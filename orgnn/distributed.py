@@ -3,16 +3,18 @@
 Started by ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1`` in the environment), a command
 calls :func:`setup`, which joins the default ``torch.distributed`` process group (NCCL when
 the device is CUDA, gloo on CPU). From then on every stage gives each rank its own share
-of the images (:func:`shard`): the searches (:func:`orgnn.pipeline.search_split`, the
-training split's in :func:`orgnn.calibration.calibrate_theta`), the outlier scorer's
-k-th-neighbour similarities and features (:func:`orgnn.outliers.score_split`) and the
-OR-GNN batches (:func:`orgnn.pipeline.reconstruct`). What a later stage reads at any row
-(neighbourhoods, the gallery's scorer probabilities: ``(N, K)`` arrays) is all-gathered, so
-every rank holds it; the reconstructed features, the one large result, are gathered on rank
-0 alone (:func:`map_rows` with ``to="main"``; ``None`` on the other ranks), which writes
-them (:func:`is_main`). Every rank searches the same gallery (a memory-mapped file is one
-copy in the page cache, whatever the number of ranks). Inside :func:`local` (rank 0
-training alone, :func:`orgnn.training.train_orgnn_once`) every call acts as in a single
+of the images (:func:`shard`): the searches
+(:func:`orgnn.reconstruction.pipeline.search_split`, the training split's in
+:func:`orgnn.reconstruction.calibration.calibrate_theta`), the outlier scorer's
+k-th-neighbour similarities and features (:func:`orgnn.reconstruction.outliers.score_split`)
+and the OR-GNN batches (:func:`orgnn.reconstruction.pipeline.reconstruct`). What a later
+stage reads at any row (neighbourhoods, the gallery's scorer probabilities: ``(N, K)``
+arrays) is all-gathered, so every rank holds it; the reconstructed features, the one large
+result, are gathered on rank 0 alone (:func:`map_rows` with ``to="main"``; ``None`` on the
+other ranks), which writes them (:func:`is_main`). Every rank searches the same gallery (a
+memory-mapped file is one copy in the page cache, whatever the number of ranks). Inside
+:func:`local` (rank 0 training alone,
+:func:`orgnn.reconstruction.training.train_orgnn_once`) every call acts as in a single
 process.
 
 **Same files with one process or many, at the same thread count per process.** Shares
@@ -23,12 +25,12 @@ single process would run, with the same shapes, and the gathered arrays are bit-
 the single-process arrays (the OR-GNN's float32 kernels give a row the same bits in a
 batch of the same shape, but not always in a batch of another size: measured in
 ``tests/test_distributed.py``). Search results are per image anyway (see
-:mod:`orgnn.search`). The float32 kernels (matrix products of the scorer's features and MLP,
-of the OR-GNN) also split their work by the number of threads, and a sum split otherwise
-can differ in its last bit: outputs are byte-identical when each process runs with the
-same thread count (``torchrun`` sets ``OMP_NUM_THREADS=1`` per rank, so compare with a
-single process run with ``OMP_NUM_THREADS=1``); with other thread counts values may
-differ by a float16 step (measured on cuhk03-parts: 205 of 921,600 query values).
+:mod:`orgnn.retrieval.search`). The float32 kernels (matrix products of the scorer's
+features and MLP, of the OR-GNN) also split their work by the number of threads, and a sum
+split otherwise can differ in its last bit: outputs are byte-identical when each process
+runs with the same thread count (``torchrun`` sets ``OMP_NUM_THREADS=1`` per rank, so
+compare with a single process run with ``OMP_NUM_THREADS=1``); with other thread counts
+values may differ by a float16 step (measured on cuhk03-parts: 205 of 921,600 query values).
 
 Without ``WORLD_SIZE > 1`` nothing is joined: :func:`world_size` is 1, :func:`shard` the
 whole range and :func:`all_gather_rows` the identity, so a single process runs the same code.

@@ -14,11 +14,11 @@ import torch
 
 from orgnn import distributed
 from orgnn.datasets.synthetic import synthetic
-from orgnn.features import save_split_dir
-from orgnn.graphs import map_dense_batches
+from orgnn.io.features import save_split_dir
 from orgnn.nn import ORGNN
-from orgnn.search import search_neighbourhoods
-from orgnn.training import TrainConfig, save_checkpoint
+from orgnn.reconstruction.graphs import map_dense_batches
+from orgnn.reconstruction.training import TrainConfig, save_checkpoint
+from orgnn.retrieval.search import search_neighbourhoods
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,7 @@ def test_torchrun_two_ranks_write_the_same_files(world, tmp_path):
     budget makes several scorer chunks and graph batches per rank."""
     import json
 
-    from orgnn.training import train_orgnn
+    from orgnn.reconstruction.training import train_orgnn
 
     splits, _ = world
     data = tmp_path / "data"
@@ -133,7 +133,7 @@ def test_torchrun_two_ranks_write_the_same_files(world, tmp_path):
 def test_train_under_torchrun_writes_one_checkpoint(world, tmp_path):
     """`orgnn train` with two ranks: rank 0 trains and writes the checkpoint, once; rank 1
     leaves without training (it prints nothing)."""
-    from orgnn.training import load_checkpoint
+    from orgnn.reconstruction.training import load_checkpoint
 
     splits, _ = world
     data = tmp_path / "data"
@@ -152,10 +152,11 @@ def test_train_under_torchrun_writes_one_checkpoint(world, tmp_path):
 _ABLATION_SCRIPT = """
 import json, sys
 import torch.distributed as dist
-from orgnn import distributed, training
+from orgnn import distributed
+from orgnn.reconstruction import training
 from orgnn.datasets import synthetic_preset
-from orgnn.pipeline import AblationConfig, run_ablation
-from orgnn.training import TrainConfig
+from orgnn.reconstruction.pipeline import AblationConfig, run_ablation
+from orgnn.reconstruction.training import TrainConfig
 
 group = distributed.setup("cpu")
 if group.rank != 0:  # only rank 0 may train; the others must receive its model
@@ -175,7 +176,7 @@ def test_ablation_under_torchrun_trains_once_and_scores_the_same(tmp_path):
     """`run_ablation` with two gloo ranks: rank 0 alone trains (rank 1 would fail if it
     did), rank 1 reconstructs with the model it receives, and the rows equal one process'."""
     from orgnn.datasets import synthetic_preset
-    from orgnn.pipeline import AblationConfig, run_ablation
+    from orgnn.reconstruction.pipeline import AblationConfig, run_ablation
 
     script = tmp_path / "ablation.py"
     script.write_text(_ABLATION_SCRIPT)

@@ -1,5 +1,5 @@
-"""Learned outlier removal (orgnn.outliers), the calibrated threshold and the validation split,
-checked against plain-loop references and hand-built cases."""
+"""Learned outlier removal (orgnn.reconstruction.outliers), the calibrated threshold and the
+validation split, checked against plain-loop references and hand-built cases."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from orgnn import ORGNN
-from orgnn.calibration import calibrate_theta
 from orgnn.datasets import synthetic_preset
-from orgnn.features import PartFeatures
+from orgnn.io.features import PartFeatures
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
-from orgnn.outliers import (
+from orgnn.reconstruction.calibration import calibrate_theta
+from orgnn.reconstruction.outliers import (
     ScorerConfig,
     _lookup_row_values,
     context_features,
@@ -21,8 +21,8 @@ from orgnn.outliers import (
     score_split,
     weighted_reconstruction,
 )
-from orgnn.search import Neighbourhoods, search_neighbourhoods
-from orgnn.validation import validation_split
+from orgnn.reconstruction.validation import validation_split
+from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 
 def _unit(v):
@@ -289,7 +289,7 @@ def test_kth_from_the_index_against_exact():
     true top k (a pool of the whole gallery: equal), never above it, and within a bound
     of it on a clustered gallery with the default pool (8 k candidates by the all-part
     mean), from the flat and the IVF-PQ index alike."""
-    from orgnn.search import kth_part_similarity
+    from orgnn.retrieval.search import kth_part_similarity
 
     gallery = _clustered()
     exact = kth_neighbour_similarity(gallery, 10, method="exact")
@@ -356,7 +356,7 @@ def test_scorer_features_stay_within_the_memory_budget():
     numpy's peak allocation near the budget."""
     import tracemalloc
 
-    from orgnn.storage import working_memory
+    from orgnn.io.storage import working_memory
 
     g = 300
     gallery = PartFeatures(_clustered(n=g, m=6, d=16, ids=30), np.ones((g, 6), np.float32),

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from orgnn.graphs import graph_batch_size
-from orgnn.search import search_neighbourhoods
-from orgnn.storage import memory_budget, parse_bytes, rows_for, working_memory
+from orgnn.io.storage import memory_budget, parse_bytes, rows_for, working_memory
+from orgnn.reconstruction.graphs import graph_batch_size
+from orgnn.retrieval.search import search_neighbourhoods
 
 
 def test_byte_sizes_and_the_budget():
@@ -61,7 +61,7 @@ def test_scratch_folders_of_a_killed_run_are_removed(tmp_path):
     when it ends."""
     import socket
 
-    from orgnn.commands import SCRATCH_OWNER, _scratch_dir
+    from orgnn.cli.commands import SCRATCH_OWNER, _scratch_dir
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -1,10 +1,10 @@
 """The graph-side commands: ``demo``, ``ablation``, ``train``, ``reconstruct``, ``evaluate``.
 
 Each handler parses nothing itself: it turns the parsed arguments into library calls and
-prints what they return. Arguments are range-checked while parsing (:mod:`orgnn.cli_args`);
+prints what they return. Arguments are range-checked while parsing (:mod:`orgnn.cli.args`);
 what depends on the data (``--k`` against the gallery size, a checkpoint against the
 features' parts and dimension) is checked right after loading, before any search, training
-or output. Outputs are written atomically, several files as one set (:mod:`orgnn.io_atomic`).
+or output. Outputs are written atomically, several files as one set (:mod:`orgnn.io.atomic`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from orgnn.cli_args import (
+from orgnn.cli.args import (
     choices_list,
     float_range,
     input_dir,
@@ -31,7 +31,7 @@ from orgnn.cli_args import (
     output_dir,
     output_file,
 )
-from orgnn.io_atomic import write_json_atomic
+from orgnn.io.atomic import write_json_atomic
 
 __all__ = ["register", "write_json_atomic"]
 
@@ -39,9 +39,9 @@ __all__ = ["register", "write_json_atomic"]
 #: of cuhk03-parts' training identities (docs/results.md); the paper trains 120.
 DEFAULT_EPOCHS = 0
 #: Rows of SPEC §6 (a copy, so that ``--help`` does not import torch; a test keeps it equal
-#: to :data:`orgnn.pipeline.ABLATION_ROWS`).
+#: to :data:`orgnn.reconstruction.pipeline.ABLATION_ROWS`).
 ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn", "baseline_rr", "oan_rr",
-        "orgnn_rr", "upper_bound")
+        "orgnn_rr", "upper_bound", "vis_global", "vis_global_rr", "aqe", "aqe_rr")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -120,7 +120,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", required=True, metavar="DIR", type=input_dir,
                     help="folder with query.npz and gallery.npz")
     ev.add_argument("--oan", action="store_true",
-                    help="average distances over the query's visible parts only")
+                    help="average distances over the query's visible parts only (the same "
+                         "as --distance oan)")
+    ev.add_argument("--distance", default="parts", choices=["parts", "oan", "visible-global"],
+                    help="parts: 1 - mean part cosine (default, SPEC §5); oan: over the "
+                         "query's visible parts only; visible-global: cosine of each image's "
+                         "visible-part global feature (the sum of its unit visible parts, "
+                         "normalised), what a Re-ID toolbox user compares first")
+    ev.add_argument("--aqe", action="store_true",
+                    help="average query expansion first (FastReID's: top 5, weights sim^3, "
+                         "one round); with --distance visible-global")
     ev.add_argument("--rerank", action="store_true", help="apply k-reciprocal re-ranking")
     ev.add_argument("--json", type=output_file, metavar="FILE",
                     help="also write the metrics and query counts to this JSON file")
@@ -213,8 +222,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _configs(args: argparse.Namespace):
-    from orgnn.pipeline import AblationConfig
-    from orgnn.training import SearchConfig, TrainConfig
+    from orgnn.reconstruction.pipeline import AblationConfig
+    from orgnn.reconstruction.training import SearchConfig, TrainConfig
 
     defaults = SearchConfig()
     search = SearchConfig(k=getattr(args, "k", defaults.k),
@@ -281,7 +290,7 @@ def visibility_warnings(splits: dict, where: str = "", oan: bool = False) -> Non
 
 def query_counts(query, gallery) -> dict[str, int]:
     """How many queries the Market-1501 protocol scores (SPEC §5) and how many it skips."""
-    from orgnn.metrics import valid_queries
+    from orgnn.retrieval.metrics import valid_queries
 
     scored = int(valid_queries(query.pids, gallery.pids, query.camids, gallery.camids).sum())
     return {"total": len(query), "scored": scored, "skipped": len(query) - scored}
@@ -314,14 +323,14 @@ def check_checkpoint(model, checkpoint: str, pf, source: str) -> None:
 
 def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None) -> int:
     """Graphs per reconstruction batch within the memory budget
-    (:func:`orgnn.graphs.graph_batch_size`)."""
-    from orgnn.graphs import graph_batch_size as by_bytes
+    (:func:`orgnn.reconstruction.graphs.graph_batch_size`)."""
+    from orgnn.reconstruction.graphs import graph_batch_size as by_bytes
 
     return by_bytes(k, num_parts, dim, hidden)
 
 
 def _byte_size(text: str) -> int:
-    from orgnn.storage import parse_bytes
+    from orgnn.io.storage import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -338,7 +347,7 @@ def _data_prefix(data: str) -> str:
 # --------------------------------------------------------------------------------------
 def _run(splits, args: argparse.Namespace, title: str, where: str = "") -> int:
     from orgnn import distributed
-    from orgnn.pipeline import ABLATION_ROWS, format_table, run_ablation
+    from orgnn.reconstruction.pipeline import ABLATION_ROWS, format_table, run_ablation
 
     rows = ABLATION_ROWS if not args.rows else tuple(args.rows.split(","))
     group = distributed.setup(getattr(args, "device", None))
@@ -377,12 +386,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ablation(args: argparse.Namespace) -> int:
-    from orgnn.features import load_split_dir
+    from orgnn.io.features import load_split_dir
 
     splits = load_split_dir(args.data)
     title = f"ablation on {args.data} (percent)"
     if args.validation_split is not None:
-        from orgnn.validation import validation_split
+        from orgnn.reconstruction.validation import validation_split
 
         splits = validation_split(splits["train"], args.validation_split, args.seed)
         title = (f"ablation on a validation split of {args.data}/train.npz ("
@@ -393,8 +402,8 @@ def _ablation(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from orgnn.distributed import env_world
-    from orgnn.features import load_split_dir
-    from orgnn.training import save_checkpoint, train_orgnn
+    from orgnn.io.features import load_split_dir
+    from orgnn.reconstruction.training import save_checkpoint, train_orgnn
 
     if env_world()[0] != 0:
         # Under torchrun rank 0 alone trains and writes the one checkpoint; the other
@@ -404,7 +413,7 @@ def _train(args: argparse.Namespace) -> int:
 
     splits = load_split_dir(args.data, splits=("train",))
     if args.validation_split is not None:
-        from orgnn.validation import validation_split
+        from orgnn.reconstruction.validation import validation_split
 
         held = validation_split(splits["train"], args.validation_split, args.seed)
         splits = {"train": held["train"]}
@@ -422,7 +431,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from orgnn import distributed
-    from orgnn.storage import working_memory
+    from orgnn.io.storage import working_memory
 
     with working_memory(args.memory_budget):
         return _reconstruct_within_budget(args, distributed.setup(args.device))
@@ -433,12 +442,17 @@ def _reconstruct_within_budget(args: argparse.Namespace, group) -> int:
     gallery's serve the query's scoring too), score them with the model's outlier scorer
     (both sides in one pass, the k-th similarities computed once), reconstruct, write.
     Every stage is sharded under ``torchrun``; rank 0 writes."""
-    from orgnn import distributed, pipeline
-    from orgnn.features import PartFeatures, load_split_dir, save_split_dir
-    from orgnn.io_atomic import pause_for_tests, replace_dir
-    from orgnn.outliers import kth_neighbour_similarity, score_split
-    from orgnn.storage import is_mapped, open_npy
-    from orgnn.training import SearchConfig, load_checkpoint, prior_weights
+    from orgnn import distributed
+    from orgnn.io.atomic import pause_for_tests, replace_dir
+    from orgnn.io.features import PartFeatures, load_split_dir, save_split_dir
+    from orgnn.io.storage import is_mapped, open_npy
+    from orgnn.reconstruction import pipeline
+    from orgnn.reconstruction.outliers import (
+        kth_neighbour_similarity,
+        prior_weights,
+        score_split,
+    )
+    from orgnn.reconstruction.training import SearchConfig, load_checkpoint
 
     if Path(args.out).resolve() == Path(args.data).resolve():
         raise ValueError(f"--out {args.out} is the --data folder: its query.npz and "
@@ -628,21 +642,45 @@ def _alive(pid: int) -> bool:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from orgnn import metrics
-    from orgnn.features import load_split_dir
-    from orgnn.pipeline import METRIC_KEYS, oan_parts, part_distance
+    from orgnn.io.features import load_split_dir
+    from orgnn.reconstruction.pipeline import METRIC_KEYS, oan_parts, part_distance
+    from orgnn.retrieval import metrics
 
     splits = load_split_dir(args.data, splits=("query", "gallery"))
     q, g = splits["query"], splits["gallery"]
-    visibility_warnings(splits, _data_prefix(args.data), oan=args.oan)
+    if args.oan:
+        if args.distance not in ("parts", "oan"):
+            raise ValueError("--oan is --distance oan; it cannot be combined "
+                             f"with --distance {args.distance}")
+        args.distance = "oan"
+    if args.aqe and args.distance != "visible-global":
+        raise ValueError("--aqe expands the visible-part global feature; add "
+                         "--distance visible-global")
+    visibility_warnings(splits, _data_prefix(args.data),
+                        oan=args.distance in ("oan", "visible-global"))
     counts = query_counts(q, g)
     check_scored(counts)
-    q_parts = oan_parts(q.visible) if args.oan else None
-    g_parts = oan_parts(g.visible) if args.oan else None
-    dist = part_distance(q.features, g.features, q_parts)
-    if args.rerank:
-        dist = metrics.re_ranking(dist, part_distance(q.features, q.features, q_parts),
-                                  part_distance(g.features, g.features, g_parts))
+    if args.distance == "visible-global":
+        from orgnn.retrieval.query_expansion import (
+            average_query_expansion,
+            cosine_distance,
+            visible_global_feature,
+        )
+
+        qf, gf = visible_global_feature(q.features, q.visible), visible_global_feature(
+            g.features, g.visible)
+        if args.aqe:
+            qf, gf = average_query_expansion(qf, gf)
+        dist = cosine_distance(qf, gf)
+        if args.rerank:
+            dist = metrics.re_ranking(dist, cosine_distance(qf, qf), cosine_distance(gf, gf))
+    else:
+        q_parts = oan_parts(q.visible) if args.distance == "oan" else None
+        g_parts = oan_parts(g.visible) if args.distance == "oan" else None
+        dist = part_distance(q.features, g.features, q_parts)
+        if args.rerank:
+            dist = metrics.re_ranking(dist, part_distance(q.features, q.features, q_parts),
+                                      part_distance(g.features, g.features, g_parts))
     result = metrics.evaluate(dist, q.pids, g.pids, q.camids, g.camids)
     assert result["num_valid_queries"] == counts["scored"]
     row = {k: round(100 * float(result[k]), 2) for k in METRIC_KEYS}

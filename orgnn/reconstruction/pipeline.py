@@ -20,18 +20,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from orgnn import distributed, metrics
-from orgnn.calibration import calibrate_theta
-from orgnn.features import PartFeatures
-from orgnn.graphs import map_dense_batches
+from orgnn import distributed
+from orgnn.io.features import PartFeatures
 from orgnn.nn import ORGNN
-from orgnn.outliers import score_split
-from orgnn.search import Neighbourhoods, search_neighbourhoods
-from orgnn.training import SearchConfig, TrainConfig, prior_weights, train_orgnn_once
+from orgnn.reconstruction.calibration import calibrate_theta
+from orgnn.reconstruction.graphs import map_dense_batches
+from orgnn.reconstruction.outliers import prior_weights, score_split
+from orgnn.reconstruction.training import SearchConfig, TrainConfig, train_orgnn_once
+from orgnn.retrieval import metrics
+from orgnn.retrieval.query_expansion import (
+    average_query_expansion,
+    cosine_distance,
+    visible_global_feature,
+)
+from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 #: Every row of SPEC §6, in table order.
 ABLATION_ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn",
-                 "baseline_rr", "oan_rr", "orgnn_rr", "upper_bound")
+                 "baseline_rr", "oan_rr", "orgnn_rr", "upper_bound",
+                 "vis_global", "vis_global_rr", "aqe", "aqe_rr")
+#: The peer rows: what a Re-ID toolbox user runs on the same files (SPEC §6).
+PEER_ROWS = ("vis_global", "vis_global_rr", "aqe", "aqe_rr")
 METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 
 
@@ -88,7 +97,7 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
     ``target_visibility`` ``(N, M)`` is needed by models with ``target_init="visible"``;
     ``node_weight`` ``(N, 1 + K)`` by models with a learned scorer (:func:`outlier_weights`
     computes it; :func:`reconstruct_split` does all of it). ``out``: an ``(N, M, F)`` array
-    (e.g. a writable memory map, :func:`orgnn.storage.open_npy`) written batch by batch and
+    (e.g. a writable memory map, :func:`orgnn.io.storage.open_npy`) written batch by batch and
     returned, so the output is never held in memory (under ``torchrun`` the gathered
     result is copied into it). Under ``torchrun`` each rank reconstructs its share and rank
     0 alone receives the whole result: the other ranks get ``None``."""
@@ -120,11 +129,11 @@ def outlier_weights(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
                     search: SearchConfig | None = None, index_cache: dict | None = None
                     ) -> np.ndarray | None:
     """The OR-GNN's prior node weights ``(N, 1 + K)`` for ``target``'s neighbourhoods
-    ``nbrs`` in ``gallery``: the model's learned scorer (:mod:`orgnn.outliers`) run on them,
-    with ``gallery_nbrs`` the gallery's own neighbourhoods (they feed the overlap features;
-    pass ``nbrs`` itself when the target is the gallery). ``search`` and ``index_cache``:
-    the search that found them, whose index the scorer's k-th similarities reuse.
-    ``None`` for a model without a scorer."""
+    ``nbrs`` in ``gallery``: the model's learned scorer (:mod:`orgnn.reconstruction.outliers`)
+    run on them, with ``gallery_nbrs`` the gallery's own neighbourhoods (they feed the overlap
+    features; pass ``nbrs`` itself when the target is the gallery). ``search`` and
+    ``index_cache``: the search that found them, whose index the scorer's k-th similarities
+    reuse. ``None`` for a model without a scorer."""
     scorer = getattr(model, "scorer", None)
     if scorer is None:
         return None
@@ -258,6 +267,9 @@ class AblationConfig:
     k2: int = 6
     lambda_value: float = 0.3
     batch_size: int = 2048
+    aqe_k: int = 5                  # FastReID's TEST.AQE defaults (the peer rows)
+    aqe_alpha: float = 3.0
+    aqe_times: int = 1
 
 
 @dataclass
@@ -299,7 +311,7 @@ def search_split(target: PartFeatures, gallery: PartFeatures, cfg: SearchConfig,
     """Neighbourhoods of ``target`` in ``gallery`` (self excluded when they are one split);
     ``all_parts`` searches with every part (the "no OAN" setting). ``index_cache``: a dict
     the caller keeps to build each faiss index over ``gallery`` once for several searches
-    (see :func:`orgnn.search.search_neighbourhoods`)."""
+    (see :func:`orgnn.retrieval.search.search_neighbourhoods`)."""
     parts = np.ones(target.visible.shape, dtype=bool) if all_parts else None
 
     def search(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -356,6 +368,24 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
                 results[rerank] = _percent(metrics.evaluate(final, query.pids, gallery.pids,
                                                             query.camids, gallery.camids))
 
+    def score_global(name: str, q_feats: np.ndarray, g_feats: np.ndarray,
+                     rerank: str) -> None:
+        """A peer row on global features (cosine distance), and its re-ranked twin."""
+        if not distributed.is_main():
+            return
+        with timer("evaluate"):
+            dist = cosine_distance(q_feats, g_feats)
+            if name in rows:
+                results[name] = _percent(metrics.evaluate(dist, query.pids, gallery.pids,
+                                                          query.camids, gallery.camids))
+        if rerank in rows:
+            with timer("rerank"):
+                final = metrics.re_ranking(dist, cosine_distance(q_feats, q_feats),
+                                           cosine_distance(g_feats, g_feats),
+                                           config.k1, config.k2, config.lambda_value)
+                results[rerank] = _percent(metrics.evaluate(final, query.pids, gallery.pids,
+                                                            query.camids, gallery.camids))
+
     def model_for(outlier_aware: bool) -> ORGNN:
         key = "orgnn" if outlier_aware else "oan_gnn"
         if key not in models:
@@ -408,6 +438,16 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
                                  all_parts=True, index_cache=index_cache)
         empty["query_all_parts"] = q_all.num_empty
         score("gnn", *run_model(model_for(True), q_all, g_all, use_oan=False))
+
+    if set(PEER_ROWS) & set(rows):
+        q_glob = visible_global_feature(query.features, query.visible)
+        g_glob = visible_global_feature(gallery.features, gallery.visible)
+        if {"vis_global", "vis_global_rr"} & set(rows):
+            score_global("vis_global", q_glob, g_glob, rerank="vis_global_rr")
+        if {"aqe", "aqe_rr"} & set(rows):
+            score_global("aqe", *average_query_expansion(
+                q_glob, g_glob, config.aqe_k, config.aqe_alpha, config.aqe_times),
+                rerank="aqe_rr")
 
     ordered = {name: results[name] for name in ABLATION_ROWS if name in results}
     timings = {k: round(v, 3) for k, v in timer.timings.items()}

@@ -11,7 +11,8 @@ the :math:`q`-quantile of the search scores of the *right* neighbours (same iden
 the training images' own top-:math:`K` lists, so that only a fraction :math:`q` of right
 neighbours is cut, whatever the scale of the cosines. With the default :math:`q = 0.02` the
 threshold is permissive on purpose: telling right from wrong neighbours is the learned
-outlier scorer's job (:mod:`orgnn.outliers`), the threshold only drops the hopeless tail.
+outlier scorer's job (:mod:`orgnn.reconstruction.outliers`), the threshold only drops the hopeless
+tail.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import warnings
 import numpy as np
 
 from orgnn import distributed
-from orgnn.features import PartFeatures
-from orgnn.search import Neighbourhoods, search_neighbourhoods
+from orgnn.io.features import PartFeatures
+from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 __all__ = ["calibrate_theta", "DEFAULT_QUANTILE"]
 
@@ -41,8 +42,8 @@ def calibrate_theta(train: PartFeatures, k: int, mode: str = "visible-mean",
         mode: search mode (``"visible-mean"`` or ``"intersection"``).
         quantile: share of right neighbours the threshold may cut, in ``[0, 1)``.
         upper_body_parts: parts fully visible images search with.
-        index: the search index (:func:`orgnn.search.search_neighbourhoods`; ``"auto"``:
-            exact up to :data:`orgnn.search.AUTO_EXACT_MAX` images). Under ``torchrun``
+        index: the search index (:func:`orgnn.retrieval.search.search_neighbourhoods`; ``"auto"``:
+            exact up to :data:`orgnn.retrieval.search.AUTO_EXACT_MAX` images). Under ``torchrun``
             each rank searches its share of the images.
 
     Returns:

@@ -65,7 +65,7 @@ import faiss
 import numpy as np
 import torch
 
-from orgnn.storage import chunk_rows, iter_rows, release_rows, rows_for, take_rows
+from orgnn.io.storage import chunk_rows, iter_rows, release_rows, rows_for, take_rows
 
 __all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods", "resolve_nprobe",
            "resolve_index", "kth_part_similarity"]
@@ -243,7 +243,7 @@ def search_neighbourhoods(
         query: ``(Q, M, D)`` float32/float16 part features.
         query_visible: ``(Q, M)`` visibility (bool, or numbers where ``>= 0.5`` is visible).
         gallery: ``(G, M, D)`` float32/float16 part features; may be a memory map
-            (:func:`orgnn.storage.map_npz_member`), read in row chunks.
+            (:func:`orgnn.io.storage.map_npz_member`), read in row chunks.
         k: neighbourhood size ``K`` (per part list in intersection mode).
         theta: similarity threshold in ``[-1, 1]``.
         mode: ``"visible-mean"`` or ``"intersection"``.
@@ -260,7 +260,7 @@ def search_neighbourhoods(
         nprobe: IVF lists visited per query; default ``max(32, nlist // 8)``
             (:func:`resolve_nprobe`).
         batch_size: queries per index call (fewer where the candidates of a batch would
-            outgrow :func:`orgnn.storage.memory_budget`).
+            outgrow :func:`orgnn.io.storage.memory_budget`).
         search_parts: ``(Q, M)`` bool override of the parts to search with; when given,
             ``query_visible`` and ``upper_body_parts`` are not used to choose them.
         device: ``None`` for faiss on the CPU; a torch device for exact search with torch

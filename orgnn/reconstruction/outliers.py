@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from orgnn import distributed
-from orgnn.features import PartFeatures
+from orgnn.io.features import PartFeatures
+from orgnn.io.storage import iter_rows, memory_budget, rows_for, take_rows
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
-from orgnn.search import Neighbourhoods, kth_part_similarity, resolve_index
-from orgnn.search import _normalise as _unit  # L2 per part; zero vectors stay zero
-from orgnn.storage import iter_rows, memory_budget, rows_for, take_rows
+from orgnn.retrieval.search import Neighbourhoods, kth_part_similarity, resolve_index
+from orgnn.retrieval.search import _normalise as _unit  # L2 per part; zero vectors stay zero
 
 #: Items per exact search call of :func:`kth_neighbour_similarity`.
 KTH_SEARCH_BATCH = 65536
@@ -61,7 +61,8 @@ KTH_METHODS = ("auto", "exact", "index")
 PAIR_SAMPLE = 128
 
 __all__ = ["ScorerConfig", "edge_features", "context_features", "feature_rows",
-           "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction"]
+           "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction",
+           "prior_weights"]
 
 @dataclass
 class ScorerConfig:
@@ -121,14 +122,14 @@ def kth_neighbour_similarity(gallery: np.ndarray, k: int,
     * ``method="exact"``: one exact faiss index per part, every item searched
       (:math:`O(M G^2 D)`); one part's unit vectors are held at a time, read from
       ``gallery`` (which may be a memory map) in row chunks;
-    * ``method="index"``: :func:`orgnn.search.kth_part_similarity`: one search per item in
+    * ``method="index"``: :func:`orgnn.retrieval.search.kth_part_similarity`: one search per item in
       the index the neighbourhood search uses (``index``, ``nprobe``, ``device``;
       ``index_cache`` shares it), its ``8 k`` candidates re-scored exactly per part. With
       ``index="ivfpq"`` (what ``"auto"`` picks beyond
-      :data:`orgnn.search.AUTO_EXACT_MAX` items) no step is :math:`O(G^2)`;
+      :data:`orgnn.retrieval.search.AUTO_EXACT_MAX` items) no step is :math:`O(G^2)`;
     * ``method="auto"`` (default): ``exact`` where the search itself is exact (``index``
-      resolves to ``"flat"``: :func:`orgnn.search.resolve_index`, up to
-      :data:`orgnn.search.AUTO_EXACT_MAX` items with ``"auto"``), ``index`` otherwise. One
+      resolves to ``"flat"``: :func:`orgnn.retrieval.search.resolve_index`, up to
+      :data:`orgnn.retrieval.search.AUTO_EXACT_MAX` items with ``"auto"``), ``index`` otherwise. One
       switch, ``index``, makes the whole path exact or approximate.
 
     Under ``torchrun`` each rank searches its share of the items (all-gathered).
@@ -172,7 +173,7 @@ def kth_neighbour_similarity(gallery: np.ndarray, k: int,
 def feature_rows(k: int, kg: int, num_parts: int, dim: int, budget: int | None = None) -> int:
     """Targets per chunk of :func:`edge_features` / :func:`context_features` so that one
     chunk's arrays stay within ``budget`` bytes (default
-    :func:`orgnn.storage.memory_budget`): about six float32 copies of the ``(K, M, D)``
+    :func:`orgnn.io.storage.memory_budget`): about six float32 copies of the ``(K, M, D)``
     neighbours, the ``(K, K)`` pair similarities (in column blocks when even one target's
     would not fit) and the ``(K, K_g)`` overlap look-ups, per target."""
     per_row = (24 * k * num_parts * dim + 12 * k * min(k, PAIR_SAMPLE)
@@ -187,7 +188,7 @@ def edge_features(target: np.ndarray, gallery: np.ndarray, gallery_visible: np.n
 
     Memory: a few float32 copies of the ``(Q, K, M, D)`` neighbours; the ``(Q, K, K)``
     pair similarities are formed in column blocks within
-    :func:`orgnn.storage.memory_budget` (the density feature needs none of them: it is
+    :func:`orgnn.io.storage.memory_budget` (the density feature needs none of them: it is
     linear in the neighbours), and for ``K`` above :data:`PAIR_SAMPLE` only against that
     many evenly spaced neighbours (``closer_than_target`` then is an estimate).
 
@@ -558,3 +559,11 @@ def fit_scorer(train: PartFeatures, nbrs: Neighbourhoods, config: ScorerConfig |
 
 def scorer_config_dict(config: ScorerConfig) -> dict[str, Any]:
     return asdict(config)
+
+
+def prior_weights(prob: np.ndarray, gamma: float, target_weight: float = 1.0) -> np.ndarray:
+    r"""``(N, 1 + K)`` OR-GNN node weights from same-identity probabilities ``(N, K)``: the
+    target's own weight first, then :math:`p^\gamma` per neighbour (0 where padded)."""
+    prob = np.asarray(prob, dtype=np.float32)
+    return np.concatenate([np.full((prob.shape[0], 1), target_weight, np.float32),
+                           np.clip(prob, 0, 1) ** gamma], axis=1)

@@ -25,8 +25,8 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from tqdm.auto import tqdm
 
-from orgnn.features import VISIBLE_THRESHOLD
-from orgnn.storage import rows_for, take_rows
+from orgnn.io.features import VISIBLE_THRESHOLD
+from orgnn.io.storage import rows_for, take_rows
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -119,7 +119,7 @@ def pyg_neighbourhood_batch(x: Tensor, mask: Tensor) -> Batch:
 def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None,
                      budget: int | None = None, at_most: int = 2048) -> int:
     r"""Graphs per dense batch so that one batch's tensors stay within ``budget`` bytes
-    (default :func:`orgnn.storage.memory_budget`): per graph of :math:`N = K + 1` nodes about
+    (default :func:`orgnn.io.storage.memory_budget`): per graph of :math:`N = K + 1` nodes about
     eight float32 copies of its :math:`(M, N, F)` features and fourteen of its
     :math:`(M, N, N)` affinities, logits, Gram matrix and masks
     (:func:`orgnn.nn.functional.dense_orgnn_aggregate` forms those, never an
