@@ -508,6 +508,114 @@ def cli_row(size: int, ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def sampled_row(size: int, ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The stages of `orgnn reconstruct --index ivfpq` (the same library calls, in this
+    process) on a gallery of ``size`` items, with the per-item stages timed on
+    ``--sample`` gallery items instead of all of them: the index is built for the whole
+    gallery, the queries are searched in full, and ``sample`` gallery items are searched
+    (their own neighbourhoods), given their k-th similarities, scored and reconstructed.
+    The scorer's overlap features need every neighbour's own neighbourhood and previous
+    probabilities; here those of the sample's neighbours are searched as well (timed apart,
+    not counted per item) and their probabilities are set to the stage's own. CPU seconds
+    per item times ``G + Q`` states the whole run's CPU time; recall and the k-th error
+    are measured on the sample against the exact values."""
+    from orgnn.io.features import PartFeatures
+    from orgnn.reconstruction import pipeline
+    from orgnn.reconstruction.graphs import graph_batch_size
+    from orgnn.reconstruction.outliers import prior_weights, score_split
+    from orgnn.reconstruction.training import SearchConfig, load_checkpoint
+    from orgnn.retrieval.search import (
+        Neighbourhoods,
+        kth_part_similarity,
+        search_neighbourhoods,
+    )
+
+    gallery_x, query_x, q_vis, gen_s = write_world(Path(args.workdir), size, args.queries,
+                                                   args.seed)
+    gallery = PartFeatures(gallery_x, np.ones((size, PARTS), np.float32),
+                           (np.arange(size) // IMAGES_PER_ID).astype(np.int64),
+                           (np.arange(size) % 2).astype(np.int64))
+    model, _ = load_checkpoint(ckpt)
+    cfg = pipeline.resolve_search(SearchConfig(index="ivfpq"), model)
+    n = min(args.sample, size)
+    sample = np.sort(np.random.default_rng(5).choice(size, n, replace=False))
+    row: dict[str, Any] = {"gallery": size, "queries": args.queries, "sample": n,
+                           "k": cfg.k, "theta": cfg.theta, "generate_s": gen_s,
+                           "stage_s": {}, "stage_cpu_s": {}, "stage_peak_mib": {},
+                           "stage_rss_peak_mib": {}}
+
+    @contextmanager
+    def stage(name: str):
+        cpu = time.process_time()
+        with measured(row, name):
+            yield
+        row["stage_cpu_s"][name] = time.process_time() - cpu
+        print(f"  G={size} {name}: {row['stage_cpu_s'][name]:.1f} CPU s, RSS peak "
+              f"{row['stage_rss_peak_mib'][name]:.0f} MiB", flush=True)
+
+    cache: dict = {}
+    kw = dict(k=cfg.k, theta=cfg.theta, index="ivfpq", index_cache=cache)
+    with stage("index_build"):
+        search_neighbourhoods(query_x[:1], q_vis[:1], gallery_x, **kw)
+    with stage("search"):
+        q_nbrs = search_neighbourhoods(query_x, q_vis, gallery_x, **kw)
+    s_feats, s_vis = np.asarray(gallery_x[sample]), np.ones((n, PARTS), np.float32)
+    with stage("gallery_search"):
+        s_nbrs = search_neighbourhoods(s_feats, s_vis, gallery_x, exclude=sample, **kw)
+    with stage("kth"):
+        kth_s = kth_part_similarity(s_feats, gallery_x, model.scorer.kth, exclude=sample,
+                                    index="ivfpq", index_cache=cache)
+    # what the sample's scoring reads: its neighbours' own neighbourhoods and k-th values
+    # (for the whole gallery these are the gallery stage's own results)
+    around = np.unique(np.concatenate([s_nbrs.index[s_nbrs.index >= 0], sample]))
+    with stage("support"):
+        a_nbrs = search_neighbourhoods(np.asarray(gallery_x[around]),
+                                       np.ones((len(around), PARTS)), gallery_x,
+                                       exclude=around, **kw)
+        kth = np.zeros((size, PARTS), np.float32)
+        kth[around] = kth_part_similarity(np.asarray(gallery_x[around]), gallery_x,
+                                          model.scorer.kth, exclude=around, index="ivfpq",
+                                          index_cache=cache)
+    g_index = np.full((size, cfg.k), -1, np.int64)
+    g_score = np.zeros((size, cfg.k), np.float32)
+    g_parts = np.zeros((size, PARTS), bool)
+    g_parts[:, :2] = True
+    g_index[around], g_score[around] = a_nbrs.index, a_nbrs.score
+    g_nbrs = Neighbourhoods(g_index, g_score, g_parts)
+    sub = PartFeatures(s_feats, s_vis, gallery.pids[sample], gallery.camids[sample])
+    with stage("score"):
+        _, prob = score_split(model.scorer, gallery, g_nbrs, sub, s_nbrs, kth=kth)
+    batch = graph_batch_size(cfg.k, PARTS, DIM, getattr(model, "hidden_channels", None))
+    with stage("reconstruct"):
+        out = pipeline.reconstruct(model, s_feats, gallery_x, s_nbrs, batch,
+                                   target_visibility=s_vis,
+                                   node_weight=prior_weights(prob, model.scorer.gamma))
+    assert np.isfinite(out).all()
+    per_item = {name: row["stage_cpu_s"][name] / n
+                for name in ("gallery_search", "kth", "score", "reconstruct")}
+    row["cpu_ms_per_gallery_item"] = {k: 1e3 * v for k, v in per_item.items()}
+    row["cpu_s_estimate"] = (row["stage_cpu_s"]["index_build"] + row["stage_cpu_s"]["search"]
+                             + sum(per_item.values()) * (size + args.queries))
+    row["cpu_ms_per_item_estimate"] = 1e3 * row["cpu_s_estimate"] / (size + args.queries)
+    row["peak_rss_mib"] = max(row["stage_rss_peak_mib"].values())
+    # recall and k-th error on (part of) the sample, against the exact values
+    m = min(n, args.recall_queries or 200)
+    exact = search_neighbourhoods(s_feats[:m], s_vis[:m], gallery_x, k=cfg.k, theta=cfg.theta,
+                                  device="cpu", exclude=sample[:m])
+    row["gallery_recall"] = recall(exact.index, s_nbrs.index[:m])
+    exact_q = search_neighbourhoods(query_x[:m], q_vis[:m], gallery_x, k=cfg.k,
+                                    theta=cfg.theta, device="cpu")
+    row["query_recall"] = recall(exact_q.index, q_nbrs.index[:m])
+    err = _exact_kth(sample[:m], gallery_x, model.scorer.kth) - kth_s[:m]
+    row["kth_error"] = {"mean": float(err.mean()), "p99": float(np.quantile(err, 0.99)),
+                        "max": float(err.max()), "exact_share": float((err < 1e-5).mean())}
+    print(f"G={size}: ~{row['cpu_ms_per_item_estimate']:.2f} CPU ms per item "
+          f"({row['cpu_ms_per_gallery_item']}), peak RSS {row['peak_rss_mib']:.0f} MiB, "
+          f"recall query {row['query_recall']:.3f} gallery {row['gallery_recall']:.3f}, "
+          f"k-th error mean {row['kth_error']['mean']:.4f}", flush=True)
+    return row
+
+
 def cuhk03_row(args: argparse.Namespace) -> dict[str, Any]:
     """mAP of the default checkpoint (trained with `orgnn train` on cuhk03-parts' training
     split) after `orgnn reconstruct` exact (``--index flat``) and approximate
@@ -533,16 +641,78 @@ def cuhk03_row(args: argparse.Namespace) -> dict[str, Any]:
         print(f"cuhk03-parts {index}: mAP {metrics['mAP']:.2f}, rank-1 "
               f"{metrics['rank1']:.2f} ({wall:.0f} s)", flush=True)
     row["mAP_change"] = row["ivfpq"]["mAP"] - row["flat"]["mAP"]
-    if args.cuhk03_full_k:
-        t = work / "t_kfull.json"
-        _, wall, cpu = _cli(["reconstruct", "--data", str(data), "--checkpoint", str(ckpt),
-                             "--out", str(work / "out_kfull"), "--k", "100000", "--quiet",
-                             "--timings", str(t)])
-        stages = json.loads(t.read_text())["stages"]
-        row["k_full"] = {"wall_s": wall, "cpu_s": cpu, "stages": stages,
-                         "peak_rss_mib": max(v["peak_rss_mib"] for v in stages.values())}
-        print(f"cuhk03-parts --k = gallery: {wall:.0f} s, peak RSS "
-              f"{row['k_full']['peak_rss_mib']:.0f} MiB", flush=True)
+    return row
+
+
+def full_k_row(args: argparse.Namespace) -> dict[str, Any]:
+    """``--k`` equal to the gallery size on ``--cuhk03``: the stages of `orgnn reconstruct`
+    (the same library calls, in this process, the default memory budget) with their CPU
+    seconds and resident-set peaks; the OR-GNN reconstructs the first ``--full-k-graphs``
+    graphs of each split only (its memory is one batch, whatever their number; the time of
+    the rest is stated from the time per graph: the first layer of a complete graph of
+    :math:`K + 1` nodes is :math:`O(M K^2 F)` work)."""
+    from orgnn.io.features import load_split_dir
+    from orgnn.reconstruction import pipeline
+    from orgnn.reconstruction.graphs import graph_batch_size
+    from orgnn.reconstruction.outliers import (
+        kth_neighbour_similarity,
+        prior_weights,
+        score_split,
+    )
+    from orgnn.reconstruction.training import SearchConfig, load_checkpoint
+
+    work = Path(args.workdir) / "cuhk03"
+    ckpt = work / "default.pt"
+    if not ckpt.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        _cli(["train", "--data", str(args.cuhk03), "--out", str(ckpt), "--quiet"])
+    row: dict[str, Any] = {"stage_s": {}, "stage_cpu_s": {}, "stage_peak_mib": {},
+                           "stage_rss_peak_mib": {}}
+
+    @contextmanager
+    def stage(name: str):
+        cpu = time.process_time()
+        with measured(row, name):
+            yield
+        row["stage_cpu_s"][name] = time.process_time() - cpu
+        print(f"  K = G, {name}: {row['stage_cpu_s'][name]:.1f} CPU s, RSS peak "
+              f"{row['stage_rss_peak_mib'][name]:.0f} MiB", flush=True)
+
+    with stage("load"):
+        model, _ = load_checkpoint(ckpt)
+        splits = load_split_dir(args.cuhk03, splits=("query", "gallery"))
+    query, gallery = splits["query"], splits["gallery"]
+    k = len(gallery)
+    cfg = pipeline.resolve_search(SearchConfig(k=k), model)
+    row.update(k=k, theta=cfg.theta, graphs=args.full_k_graphs,
+               batch=graph_batch_size(k, gallery.num_parts, gallery.dim))
+    cache: dict = {}
+    with stage("search"):
+        q_nbrs = pipeline.search_split(query, gallery, cfg, same_split=False, index_cache=cache)
+    with stage("gallery_search"):
+        g_nbrs = pipeline.search_split(gallery, gallery, cfg, same_split=True,
+                                       index_cache=cache)
+    with stage("kth"):
+        kth = kth_neighbour_similarity(gallery.features, model.scorer.kth)
+    with stage("score"):
+        g_prob, q_prob = score_split(model.scorer, gallery, g_nbrs, query, q_nbrs, kth=kth)
+    n = args.full_k_graphs
+    for name, target, nbrs, prob in (("query", query, q_nbrs, q_prob),
+                                     ("gallery", gallery, g_nbrs, g_prob)):
+        with stage(f"reconstruct_{name}"):
+            out = pipeline.reconstruct(model, target.features[:n], gallery.features,
+                                       nbrs.index[:n], row["batch"],
+                                       target_visibility=target.visibility[:n],
+                                       node_weight=prior_weights(prob[:n], model.scorer.gamma))
+        assert np.isfinite(out).all()
+    per_graph = (row["stage_cpu_s"]["reconstruct_query"]
+                 + row["stage_cpu_s"]["reconstruct_gallery"]) / (2 * n)
+    row["cpu_s_per_graph"] = per_graph
+    row["cpu_s_all_graphs_estimate"] = per_graph * (len(query) + len(gallery))
+    row["peak_rss_mib"] = max(row["stage_rss_peak_mib"].values())
+    print(f"cuhk03-parts, K = {k}: peak RSS {row['peak_rss_mib']:.0f} MiB; "
+          f"{per_graph:.1f} CPU s per graph, so all {len(query) + len(gallery)} graphs "
+          f"~{row['cpu_s_all_graphs_estimate'] / 3600:.1f} CPU hours", flush=True)
     return row
 
 
@@ -629,13 +799,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cli", action="store_true",
                         help="the default checkpoint through `orgnn train` and `orgnn "
                              "reconstruct` at --sizes (stage times, CPU, RSS, recall)")
+    parser.add_argument("--sampled", action="store_true",
+                        help="the stages in this process at --sizes, per-item stages timed "
+                             "on --sample gallery items (sampled_row)")
+    parser.add_argument("--sample", type=int, default=2000)
     parser.add_argument("--cli-index", default="ivfpq",
                         help="--index of the --cli runs (default ivfpq)")
     parser.add_argument("--cuhk03", default=None, metavar="DIR",
                         help="also: mAP of exact vs approximate path on this part-feature "
                              "folder (e.g. /work/shared/data/cuhk03-parts/occluded)")
     parser.add_argument("--cuhk03-full-k", action="store_true",
-                        help="with --cuhk03: also --k equal to the gallery size")
+                        help="with --cuhk03: the stages with --k equal to the gallery size "
+                             "(memory; the OR-GNN on --full-k-graphs graphs per split)")
+    parser.add_argument("--skip-cuhk03-map", action="store_true",
+                        help="with --cuhk03: skip the exact vs approximate mAP runs")
+    parser.add_argument("--full-k-graphs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--generate-only", action="store_true",
                         help="write the gallery files of --sizes and stop")
@@ -665,7 +843,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {**meta, "sizes": args.sizes, "rows": rows,
                                "arguments": {k: v for k, v in vars(args).items()
                                              if k not in ("output", "plot")}}
-    for key in ("duke_devices", "torchrun", "cuhk03", "cli"):
+    for key in ("duke_devices", "torchrun", "cuhk03", "cuhk03_full_k", "cli", "sampled"):
         if key in old:
             payload[key] = old[key]
 
@@ -684,9 +862,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.torchrun:
         payload["torchrun"] = {**torchrun_row(args), "run_command": meta["command"]}
         save()
-    if args.cuhk03:
+    if args.cuhk03 and not args.skip_cuhk03_map:
         payload["cuhk03"] = {**cuhk03_row(args), "run_command": meta["command"]}
         save()
+    if args.cuhk03 and args.cuhk03_full_k:
+        payload["cuhk03_full_k"] = {**full_k_row(args), "run_command": meta["command"]}
+        save()
+    if args.sampled:
+        ckpt, _ = train_checkpoint(args)
+        sampled = {str(r["gallery"]): r for r in old.get("sampled", [])}
+        for size in args.sizes:
+            row = sampled_row(size, ckpt, args)
+            row["run_command"] = meta["command"]
+            sampled[str(size)] = row
+            payload["sampled"] = sorted(sampled.values(), key=lambda r: r["gallery"])
+            save()
+        return payload
     if args.cli:
         ckpt, train_row = train_checkpoint(args)
         cli_rows = {str(r["gallery"]) + r["index"]: r for r in old.get("cli", {}).get(
