@@ -73,8 +73,9 @@ __all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods", "resol
 MODES = ("visible-mean", "intersection")
 INDEXES = ("auto", "flat", "ivf", "ivfpq")
 #: ``index="auto"`` searches exactly (``flat``) up to this many gallery items and with
-#: ``ivfpq`` beyond: a gallery searching itself exactly is :math:`O(G^2)` work (measured in
-#: ``docs/scale.md``: 10^5 items took ... s exactly, ... s with IVF-PQ, recall ...).
+#: ``ivfpq`` beyond: a gallery searching itself exactly is :math:`O(G^2)` work. Measured in
+#: ``docs/scale.md`` (per query, idle machine): exact 0.43 ms at 10^4 items and 4.26 ms at
+#: 10^5, IVF-PQ with exact re-ranking 0.80 ms and 1.44 ms: the crossing lies between.
 AUTO_EXACT_MAX = 50_000
 #: Candidates per wanted neighbour that :func:`kth_part_similarity` re-scores per part.
 KTH_POOL = 8
