@@ -61,15 +61,25 @@ def test_training_options_reach_the_checkpoint(data_dir, tmp_path):
     from orgnn.reconstruction.training import load_checkpoint
 
     ckpt = tmp_path / "random-head.pt"
-    assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--epochs", "1",
+    assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--epochs", "0",
                  "--classifier-init", "random", "--target-init", "mean", "--quiet"]) == 0
     model, config = load_checkpoint(ckpt)
     assert (config.classifier_init, config.target_init) == ("random", "mean")
     assert model.classifier.abs().max() < 1e-2                 # not imprinted
+    other = tmp_path / "other.pt"
+    assert main(["train", "--data", str(data_dir), "--out", str(other), "--epochs", "1",
+                 "--classifier-init", "imprint", "--triplet-weight", "0.5", "--transform-lr",
+                 "0.1", "--output-bn", "on", "--quiet"]) == 0
+    model, config = load_checkpoint(other)
+    assert (config.classifier_init, config.triplet_weight, config.transform_lr,
+            config.output_bn) == ("imprint", 0.5, 0.1, True)
+    assert model.output_bn                                      # the model retrieves on BN
     default = tmp_path / "default.pt"
     assert main(["train", "--data", str(data_dir), "--out", str(default), "--epochs", "1",
                  "--quiet"]) == 0
-    assert load_checkpoint(default)[1].classifier_init == "imprint"
+    config = load_checkpoint(default)[1]
+    assert (config.classifier_init, config.triplet_weight, config.output_bn) == (
+        "random", 1.0, False)
 
 
 def test_bad_inputs_give_clear_errors_and_keep_outputs(data_dir, tmp_path, capsys):
