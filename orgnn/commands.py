@@ -112,7 +112,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="folder with query.npz and gallery.npz")
     ev.add_argument("--oan", action="store_true",
                     help="average distances over the query's visible parts only")
-    ev.add_argument("--rerank", action="store_true", help="apply k-reciprocal re-ranking")
+    ev.add_argument("--rerank", action="store_true",
+                    help="apply k-reciprocal re-ranking (from the features, without "
+                         "query-query and gallery-gallery matrices, when those would not "
+                         "fit in memory)")
     ev.add_argument("--json", type=output_file, metavar="FILE",
                     help="also write the metrics and query counts to this JSON file")
     ev.set_defaults(func=_evaluate)
@@ -473,7 +476,7 @@ def _scratch_dir(out: str) -> Iterator[Path | None]:
 def _evaluate(args: argparse.Namespace) -> int:
     from orgnn import metrics
     from orgnn.features import load_split_dir
-    from orgnn.pipeline import METRIC_KEYS, oan_parts, part_distance
+    from orgnn.pipeline import METRIC_KEYS, oan_parts, part_distance, rerank_distances
 
     splits = load_split_dir(args.data, splits=("query", "gallery"))
     q, g = splits["query"], splits["gallery"]
@@ -484,8 +487,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     g_parts = oan_parts(g.visible) if args.oan else None
     dist = part_distance(q.features, g.features, q_parts)
     if args.rerank:
-        dist = metrics.re_ranking(dist, part_distance(q.features, q.features, q_parts),
-                                  part_distance(g.features, g.features, g_parts))
+        dist = rerank_distances(q.features, g.features, dist, q_parts, g_parts)
     result = metrics.evaluate(dist, q.pids, g.pids, q.camids, g.camids)
     assert result["num_valid_queries"] == counts["scored"]
     row = {k: round(100 * float(result[k]), 2) for k in METRIC_KEYS}

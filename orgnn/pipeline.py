@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from orgnn import distributed, metrics
+from orgnn import distributed, metrics, rerank
 from orgnn.calibration import calibrate_theta
 from orgnn.features import PartFeatures
 from orgnn.graphs import map_dense_batches
@@ -71,6 +71,22 @@ def oan_parts(visible: np.ndarray) -> np.ndarray:
     """The parts an "+OAN" distance averages over: the visible ones (all, if none is)."""
     visible = np.asarray(visible, dtype=bool)
     return np.where(visible.any(1, keepdims=True), visible, True)
+
+
+def rerank_distances(q_feats: np.ndarray, g_feats: np.ndarray, dist: np.ndarray,
+                     q_parts: np.ndarray | None = None, g_parts: np.ndarray | None = None,
+                     k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                     max_dense_bytes: int | None = None) -> np.ndarray:
+    """k-reciprocal re-ranking of ``dist`` ``(Q, G)`` (:func:`part_distance` of the features):
+    :func:`orgnn.metrics.re_ranking` on the dense matrices when they fit
+    (:func:`orgnn.rerank.dense_fits`, ``max_dense_bytes``), else
+    :func:`orgnn.rerank.re_ranking_features`, which writes its result into ``dist``."""
+    if rerank.dense_fits(len(q_feats), len(g_feats), max_dense_bytes):
+        return metrics.re_ranking(dist, part_distance(q_feats, q_feats, q_parts),
+                                  part_distance(g_feats, g_feats, g_parts),
+                                  k1, k2, lambda_value)
+    return rerank.re_ranking_features(q_feats, g_feats, q_parts, g_parts, k1, k2, lambda_value,
+                                      q_g_dist=dist, out=dist)
 
 
 # --------------------------------------------------------------------------------------
@@ -331,9 +347,8 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
                                                       query.camids, gallery.camids))
         if rerank in rows:
             with timer("rerank"):
-                final = metrics.re_ranking(dist, part_distance(q_feats, q_feats, q_parts),
-                                           part_distance(g_feats, g_feats, g_parts),
-                                           config.k1, config.k2, config.lambda_value)
+                final = rerank_distances(q_feats, g_feats, dist, q_parts, g_parts,
+                                         config.k1, config.k2, config.lambda_value)
                 results[rerank] = _percent(metrics.evaluate(final, query.pids, gallery.pids,
                                                             query.camids, gallery.camids))
 
