@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from orgnn import metrics, rerank
-from orgnn.pipeline import (AblationConfig, oan_parts, part_distance, rerank_distances,
-                            run_ablation)
+from orgnn.pipeline import AblationConfig, oan_parts, part_distance, rerank_distances, run_ablation
 from orgnn.rerank import dense_fits, dense_re_ranking_bytes, re_ranking_features
 from tests.reference_impls import re_ranking_loop
 
