@@ -132,15 +132,15 @@ class _Columns:
         must lie on one side."""
         target_query = stop <= self.num_q
         offset = 0 if target_query else self.num_q
-        q_items, targets = self.pair(target_query, True)
-        g_items, _ = self.pair(target_query, False)
-        targets = targets[start - offset:stop - offset]
+        rows = slice(start - offset, stop - offset)
+        q_items, q_targets = self.pair(target_query, True)
+        g_items, g_targets = self.pair(target_query, False)
         if items != "all":
-            out = targets @ g_items.T
-        elif q_items.data_ptr() + q_items.numel() * 4 == g_items.data_ptr():
-            out = targets @ self.r.T  # both sides are rows of one matrix: one product
+            out = g_targets[rows] @ g_items.T
+        elif q_targets.data_ptr() == g_targets.data_ptr():  # items: all rows of self.r
+            out = q_targets[rows] @ self.r.T
         else:
-            out = torch.cat([targets @ q_items.T, targets @ g_items.T], dim=1)
+            out = torch.cat([q_targets[rows] @ q_items.T, g_targets[rows] @ g_items.T], dim=1)
         return out.neg_().add_(1).cpu().numpy()
 
     def pairs(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
