@@ -95,7 +95,7 @@ def full_size(world: dict[str, np.ndarray], args: argparse.Namespace) -> dict[st
     record("evaluate", t0)
     t0 = time.perf_counter()
     re_ranking_features(q, g, qp, gp, q_g_dist=dist, out=dist, index=args.index,
-                        nprobe=args.nprobe)
+                        nprobe=args.nprobe, device=args.device)
     record("rerank", t0)
     t0 = time.perf_counter()
     rr = metrics.evaluate(dist, *labels)
@@ -127,7 +127,7 @@ def subset_check(world: dict[str, np.ndarray], args: argparse.Namespace) -> dict
     dense = metrics.re_ranking(dist, part_distance(q, q, qp), part_distance(g, g, gp))
     dense_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    feat = re_ranking_features(q, g, qp, gp, q_g_dist=dist)
+    feat = re_ranking_features(q, g, qp, gp, q_g_dist=dist, device=args.device)
     feat_s = time.perf_counter() - t0
     exact = re_ranking_features(q, g, qp, gp, q_g_dist=dist) if args.index != "flat" else feat
     if args.index != "flat":
@@ -145,11 +145,12 @@ def subset_check(world: dict[str, np.ndarray], args: argparse.Namespace) -> dict
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--queries", type=int, default=11659)
-    parser.add_argument("--gallery", type=int, default=82161)
+    parser.add_argument("--queries", type=int, default=None, help="default 11,659")
+    parser.add_argument("--gallery", type=int, default=None, help="default 82,161")
     parser.add_argument("--parts", type=int, default=6)
     parser.add_argument("--dim", type=int, default=256, help="channels per part")
-    parser.add_argument("--ids", type=int, default=3060, help="identities (MSMT17 test: 3,060)")
+    parser.add_argument("--ids", type=int, default=None,
+                        help="identities (default: MSMT17 test's 3,060)")
     parser.add_argument("--noise", type=float, default=3.0)
     parser.add_argument("--oan", action="store_true",
                         help="'+OAN' distances: query-side weights over visible parts")
@@ -157,19 +158,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="fraction of visible parts with --oan")
     parser.add_argument("--index", default="flat", choices=("flat", "ivf"))
     parser.add_argument("--nprobe", type=int, default=None)
-    parser.add_argument("--subset", type=int, nargs=2, default=(1500, 6000), metavar=("Q", "G"),
-                        help="sizes of the dense-vs-features check (0 0: skip it)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the exact search's products (default cpu)")
+    parser.add_argument("--subset", type=int, nargs=2, default=None, metavar=("Q", "G"),
+                        help="sizes of the dense-vs-features check (default 1500 6000; "
+                             "0 0: skip it)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="600 x 3,000 and a small subset")
+    parser.add_argument("--quick", action="store_true",
+                        help="600 x 3,000 and a 200 x 800 subset by default")
     parser.add_argument("--output", default=None,
                         help="JSON path (default benchmarks/results/rerank_scale.json; with "
                              "--quick: benchmarks/results/quick/)")
     _common.add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.queries, args.gallery, args.ids = 600, 3000, 150
-        if args.subset == (1500, 6000):
-            args.subset = (200, 800)
+    defaults = ((600, 3000, 150, (200, 800)) if args.quick
+                else (11659, 82161, 3060, (1500, 6000)))
+    for key, value in zip(("queries", "gallery", "ids", "subset"), defaults):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     _common.default_paths(args, "rerank_scale", plot=False)
     settings = _common.apply_common_args(args)
     meta = _common.header(argv, "rerank_scale.py", settings)
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     subset = subset_check(world, args) if min(args.subset) > 0 else None
     payload = {**meta, "config": {k: getattr(args, k) for k in (
         "queries", "gallery", "parts", "dim", "ids", "noise", "oan", "visible", "index",
-        "nprobe", "seed")}, "full": full, "subset": subset,
+        "nprobe", "device", "seed")}, "full": full, "subset": subset,
         "targets": [{"target": "feature re-ranking at MSMT17 size: peak RSS", "goal": "<= 8 GiB",
                      "measured_gib": full["peak_rss_gib"],
                      "met": full["peak_rss_gib"] <= 8}]}
