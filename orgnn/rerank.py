@@ -167,6 +167,13 @@ def _dot_rows(a: torch.Tensor, ia: np.ndarray, b: torch.Tensor, ib: np.ndarray) 
     are several times faster than torch's indexing there)."""
     if a.device.type == "cpu":
         return np.einsum("pd,pd->p", a.numpy().take(ia, axis=0), b.numpy().take(ib, axis=0))
+    return _dot_rows_torch(a, ia, b, ib)
+
+
+@torch.inference_mode()
+def _dot_rows_torch(a: torch.Tensor, ia: np.ndarray, b: torch.Tensor,
+                    ib: np.ndarray) -> np.ndarray:
+    """:func:`_dot_rows` with torch's gathers, on the tensors' device."""
     ta, tb = torch.as_tensor(ia, device=a.device), torch.as_tensor(ib, device=b.device)
     return (a[ta] * b[tb]).sum(1).cpu().numpy()
 

@@ -144,3 +144,15 @@ def test_bad_input_is_refused():
     bad[2, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         re_ranking_features(bad, g)
+
+
+def test_device_gather_equals_numpy_gather():
+    """The pair distances' torch gather (used on GPUs) against the numpy one (CPU)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    a, b = torch.randn(30, 12), torch.randn(50, 12)
+    ia, ib = rng.integers(0, 30, 200), rng.integers(0, 50, 200)
+    expected = np.einsum("pd,pd->p", a.numpy()[ia], b.numpy()[ib])
+    np.testing.assert_allclose(rerank._dot_rows_torch(a, ia, b, ib), expected, atol=1e-5)
+    np.testing.assert_allclose(rerank._dot_rows(a, ia, b, ib), expected, atol=1e-5)
