@@ -39,7 +39,7 @@ DEFAULT_EPOCHS = 0
 #: Rows of SPEC §6 (a copy, so that ``--help`` does not import torch; a test keeps it equal
 #: to :data:`orgnn.pipeline.ABLATION_ROWS`).
 ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn", "baseline_rr", "oan_rr",
-        "orgnn_rr", "upper_bound")
+        "orgnn_rr", "upper_bound", "vis_global", "vis_global_rr", "aqe", "aqe_rr")
 #: Memory one batch of reconstructed graphs may take (bytes); the batch size follows ``--k``.
 GRAPH_BATCH_BYTES = 1 << 30
 
@@ -111,7 +111,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", required=True, metavar="DIR", type=input_dir,
                     help="folder with query.npz and gallery.npz")
     ev.add_argument("--oan", action="store_true",
-                    help="average distances over the query's visible parts only")
+                    help="average distances over the query's visible parts only (the same "
+                         "as --distance oan)")
+    ev.add_argument("--distance", default="parts", choices=["parts", "oan", "visible-global"],
+                    help="parts: 1 - mean part cosine (default, SPEC §5); oan: over the "
+                         "query's visible parts only; visible-global: cosine of each image's "
+                         "visible-part global feature (the sum of its unit visible parts, "
+                         "normalised), what a Re-ID toolbox user compares first")
+    ev.add_argument("--aqe", action="store_true",
+                    help="average query expansion first (FastReID's: top 5, weights sim^3, "
+                         "one round); with --distance visible-global")
     ev.add_argument("--rerank", action="store_true",
                     help="apply k-reciprocal re-ranking (from the features, without "
                          "query-query and gallery-gallery matrices, when those would not "
@@ -480,14 +489,38 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     splits = load_split_dir(args.data, splits=("query", "gallery"))
     q, g = splits["query"], splits["gallery"]
-    visibility_warnings(splits, _data_prefix(args.data), oan=args.oan)
+    if args.oan:
+        if args.distance not in ("parts", "oan"):
+            raise ValueError("--oan is --distance oan; it cannot be combined "
+                             f"with --distance {args.distance}")
+        args.distance = "oan"
+    if args.aqe and args.distance != "visible-global":
+        raise ValueError("--aqe expands the visible-part global feature; add "
+                         "--distance visible-global")
+    visibility_warnings(splits, _data_prefix(args.data),
+                        oan=args.distance in ("oan", "visible-global"))
     counts = query_counts(q, g)
     check_scored(counts)
-    q_parts = oan_parts(q.visible) if args.oan else None
-    g_parts = oan_parts(g.visible) if args.oan else None
-    dist = part_distance(q.features, g.features, q_parts)
-    if args.rerank:
-        dist = rerank_distances(q.features, g.features, dist, q_parts, g_parts)
+    if args.distance == "visible-global":
+        from orgnn.query_expansion import (
+            average_query_expansion,
+            cosine_distance,
+            visible_global_feature,
+        )
+
+        qf, gf = visible_global_feature(q.features, q.visible), visible_global_feature(
+            g.features, g.visible)
+        if args.aqe:
+            qf, gf = average_query_expansion(qf, gf)
+        dist = cosine_distance(qf, gf)
+        if args.rerank:
+            dist = rerank_distances(qf, gf, dist)
+    else:
+        q_parts = oan_parts(q.visible) if args.distance == "oan" else None
+        g_parts = oan_parts(g.visible) if args.distance == "oan" else None
+        dist = part_distance(q.features, g.features, q_parts)
+        if args.rerank:
+            dist = rerank_distances(q.features, g.features, dist, q_parts, g_parts)
     result = metrics.evaluate(dist, q.pids, g.pids, q.camids, g.camids)
     assert result["num_valid_queries"] == counts["scored"]
     row = {k: round(100 * float(result[k]), 2) for k in METRIC_KEYS}

@@ -100,6 +100,10 @@ class TrainConfig:
     classifier_init: str = "imprint"          # measured best; "random" is the usual start
     recon_weight: float = 0.0
     ce_weight: float = 1.0
+    triplet_weight: float = 0.0               # batch-hard triplet on the retrieval distance
+    triplet_margin: float = 0.3
+    transform_lr: float = 1.0                 # lr multiplier of W (and its bias)
+    output_bn: bool = False                   # retrieve on BN(x^T), the BNNeck feature
     train_transform: bool = True              # False: W stays fixed, only V and b learn
     act: str = "none"                         # measured best; "relu" is the paper's Eq. 5
     outlier_scorer: str = "learned"           # measured best; "none": Eq. 4 alone
@@ -169,8 +173,13 @@ def pk_batches(labels: np.ndarray, ids_per_batch: int, sets_per_id: int,
 
 def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
                 neighbourhoods: Neighbourhoods | None = None, progress: bool = True,
-                device: str | torch.device = "cpu") -> ORGNN:
-    """Train an :class:`~orgnn.ORGNN` on ``train`` with Eq. 7 (seeded, reproducible)."""
+                device: str | torch.device = "cpu",
+                scorer: NeighbourScorer | None = None) -> ORGNN:
+    """Train an :class:`~orgnn.ORGNN` on ``train`` with Eq. 7 (seeded, reproducible).
+
+    ``scorer``: an outlier scorer already fitted on ``train``'s neighbourhoods (with the same
+    search settings) to reuse instead of fitting one. The per-step training losses are kept
+    in ``model.loss_history`` (the first one before any step)."""
     config = resolve_theta(train, config or TrainConfig())
     if config.classifier_init not in CLASSIFIER_INITS:
         raise ValueError(f"classifier_init must be one of {CLASSIFIER_INITS}, got "
@@ -185,24 +194,32 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
     if neighbourhoods is None:
         neighbourhoods = train_neighbourhoods(train, config)
     _, labels = np.unique(train.pids, return_inverse=True)
-    scorer, weights = None, None
-    if config.outlier_aware and config.outlier_scorer == "learned":
+    weights = None
+    if not (config.outlier_aware and config.outlier_scorer == "learned"):
+        scorer = None
+    elif scorer is None:
         scorer = fit_scorer(train, neighbourhoods, ScorerConfig(
             stages=config.scorer_stages, steps=config.scorer_steps, gamma=config.scorer_gamma,
             seed=config.seed))
+    if scorer is not None:
         prob, _ = score_split(scorer, train, neighbourhoods)
         weights = prior_weights(prob, scorer.gamma)
     model = ORGNN(train.dim, config.hidden_channels or train.dim, train.num_parts,
                   config.num_layers, num_classes=int(labels.max()) + 1,
                   outlier_aware=config.outlier_aware, target_init=config.target_init,
-                  init=config.init, act=config.act, scorer=scorer).to(device)
+                  init=config.init, act=config.act, scorer=scorer,
+                  output_bn=config.output_bn).to(device)
     model.train_config = config
     if not config.train_transform:
         for layer in model.layers:
             layer.weight.requires_grad_(False)
             layer.bias.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(params, lr=config.lr,
+    transform = {id(p) for layer in model.layers for p in (layer.weight, layer.bias)}
+    groups = [{"params": [p for p in model.parameters()
+                          if p.requires_grad and (id(p) in transform) == is_w],
+               "lr": config.lr * (config.transform_lr if is_w else 1.0)}
+              for is_w in (True, False)]
+    optimiser = torch.optim.Adam([g for g in groups if g["params"]], lr=config.lr,
                                  weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimiser, config.scaled_milestones(),
                                                      config.gamma)
@@ -215,6 +232,7 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
         imprint_classifier(model, features, neighbourhoods, train.visible, label_t, device,
                            node_weight=weights)
     model.train()
+    model.loss_history = []
     bar = tqdm(range(config.epochs), desc="train OR-GNN", disable=not progress, unit="epoch")
     for epoch in bar:
         total, count = 0.0, 0
@@ -224,6 +242,9 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
             prior = None if weights is None else torch.from_numpy(weights[batch]).to(device)
             out = model(x, mask, target_visible=visible[batch].to(device), node_weight=prior)
             loss = config.ce_weight * model.loss(out, label_t[batch].to(device))
+            if config.triplet_weight > 0:
+                loss = loss + config.triplet_weight * batch_hard_triplet(
+                    out, label_t[batch].to(device), config.triplet_margin)
             if config.recon_weight > 0:
                 target = clean[batch].to(device)
                 loss = loss + config.recon_weight * (
@@ -236,9 +257,34 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
             loss.backward()
             optimiser.step()
             total, count = total + loss.item() * len(batch), count + len(batch)
+            model.loss_history.append(loss.item())
         scheduler.step()
         bar.set_postfix(loss=f"{total / max(count, 1):.3f}")
     return model.eval()
+
+
+def batch_hard_triplet(features: torch.Tensor, labels: torch.Tensor,
+                       margin: float) -> torch.Tensor:
+    r"""Batch-hard triplet loss (Hermans et al.) on the retrieval distance of SPEC §5,
+    :math:`d(a, b) = 1 - \frac{1}{M}\sum_k \cos(\mathbf{x}_k(a), \mathbf{x}_k(b))`:
+
+    .. math::
+        \mathcal{L}_{tri} = \frac{1}{B} \sum_a \big[\max_{p: y_p = y_a} d(a, p)
+            - \min_{n: y_n \ne y_a} d(a, n) + m\big]_+
+
+    Args:
+        features: ``(B, M, F)`` reconstructed targets.
+        labels: ``(B,)`` identities.
+        margin: :math:`m`.
+    """
+    unit = F.normalize(features, dim=-1).flatten(1) / features.size(1) ** 0.5
+    dist = 1 - unit @ unit.T
+    same = labels[:, None] == labels[None, :]
+    hardest_pos = dist.masked_fill(~same, float("-inf")).max(1).values
+    hardest_neg = dist.masked_fill(same, float("inf")).min(1).values
+    usable = torch.isfinite(hardest_neg)
+    return F.relu(hardest_pos - hardest_neg + margin)[usable].mean() if usable.any() \
+        else features.sum() * 0
 
 
 def imprint_classifier(model: ORGNN, features: np.ndarray, neighbourhoods: Neighbourhoods,
@@ -248,9 +294,14 @@ def imprint_classifier(model: ORGNN, features: np.ndarray, neighbourhoods: Neigh
     """Imprint ``model``'s classifier from its outputs on every training neighbourhood
     (computed ``chunk`` graphs at a time, in eval mode)."""
     model.eval()
-    with torch.no_grad():
-        outputs = map_dense_batches(model, features, features, neighbourhoods.index, chunk,
-                                    device, target_visible=visible, node_weight=node_weight)
+    output_bn, model.output_bn = model.output_bn, False   # the head sees raw outputs
+    try:
+        with torch.no_grad():
+            outputs = map_dense_batches(model, features, features, neighbourhoods.index,
+                                        chunk, device, target_visible=visible,
+                                        node_weight=node_weight)
+    finally:
+        model.output_bn = output_bn
     model.imprint_classifier(torch.from_numpy(outputs).to(device), labels.to(device))
 
 
@@ -278,7 +329,8 @@ def _checkpoint_payload(model: ORGNN, config: TrainConfig) -> dict[str, Any]:
                   "num_parts": model.num_parts, "num_layers": model.num_layers,
                   "num_classes": model.num_classes, "outlier_aware": model.outlier_aware,
                   "target_init": model.target_init, "init": model.init,
-                  "add_self_loops": model.add_self_loops, "act": model.act},
+                  "add_self_loops": model.add_self_loops, "act": model.act,
+                  "output_bn": model.output_bn},
         "scorer": None if model.scorer is None else model.scorer.config(),
         "config": _config_dict(config),
         "state_dict": model.state_dict(),

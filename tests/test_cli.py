@@ -142,3 +142,25 @@ def test_reconstruct_keeps_float16_features_float16(data_dir, tmp_path):
         rec = load_part_features(tmp_path / "rec" / f"{name}.npz")
         assert rec.features.dtype == np.float16 and np.isfinite(rec.features).all()
         assert rec.features.shape[0] == len(splits[name])
+
+
+def test_evaluate_visible_global_and_aqe_equal_the_ablations_peer_rows(data_dir, tmp_path,
+                                                                       capsys):
+    from orgnn.pipeline import run_ablation
+
+    rows = run_ablation(synthetic_preset("tiny", seed=0),
+                        rows=("vis_global", "vis_global_rr", "aqe", "aqe_rr"),
+                        progress=False).rows
+    for flags, row in ((["--distance", "visible-global"], "vis_global"),
+                       (["--distance", "visible-global", "--rerank"], "vis_global_rr"),
+                       (["--distance", "visible-global", "--aqe"], "aqe"),
+                       (["--distance", "visible-global", "--aqe", "--rerank"], "aqe_rr")):
+        out = tmp_path / f"{row}.json"
+        assert main(["evaluate", "--data", str(data_dir), *flags, "--json", str(out)]) == 0
+        got = json.loads(out.read_text())
+        assert (got["mAP"], got["rank1"]) == (rows[row]["mAP"], rows[row]["rank1"]), row
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(data_dir), "--aqe"]) == 2
+    assert "--aqe expands the visible-part global feature" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(data_dir), "--oan", "--distance",
+                 "visible-global"]) == 2

@@ -101,27 +101,48 @@ def test_large_sets_take_the_feature_path(monkeypatch):
     np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)
 
 
+def test_global_features_take_the_feature_path_too():
+    """(N, D) global features: cosine distance, one "part" on the feature path."""
+    from orgnn.query_expansion import cosine_distance
+
+    q, g, _, _ = _world(13)
+    qf, gf = q.reshape(len(q), -1), g.reshape(len(g), -1).astype(np.float32)
+    dist = cosine_distance(qf, gf)
+    expected = metrics.re_ranking(dist, cosine_distance(qf, qf), cosine_distance(gf, gf))
+    dense = rerank_distances(qf, gf, dist.copy())
+    np.testing.assert_array_equal(dense, expected)  # below the threshold: the dense call
+    out = rerank_distances(qf, gf, dist, max_dense_bytes=0)
+    assert out is dist
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+
+
 def test_rr_rows_and_cli_agree_across_paths(monkeypatch, tmp_path, capsys):
     from orgnn.cli import main
     from orgnn.datasets import synthetic_preset
     from orgnn.features import save_split_dir
 
     splits = synthetic_preset("tiny", seed=0)
-    rows = ("baseline", "baseline_rr", "oan", "oan_rr")
+    rows = ("baseline", "baseline_rr", "oan", "oan_rr", "vis_global", "vis_global_rr")
     dense = run_ablation(splits, AblationConfig(), rows=rows, progress=False).rows
     save_split_dir(tmp_path / "d", splits)
-    args = ["evaluate", "--data", str(tmp_path / "d"), "--rerank", "--oan", "--json"]
-    assert main([*args, str(tmp_path / "dense.json")]) == 0
+    commands = {"oan": ["--oan"], "global": ["--distance", "visible-global", "--aqe"]}
+
+    def evaluate(name: str, how: str) -> dict:
+        out = tmp_path / f"{name}-{how}.json"
+        assert main(["evaluate", "--data", str(tmp_path / "d"), "--rerank",
+                     *commands[name], "--json", str(out)]) == 0
+        return json.loads(out.read_text())
+
+    cli = {name: evaluate(name, "dense") for name in commands}
     monkeypatch.setattr(rerank, "DENSE_RERANK_MAX_BYTES", 0)
     sparse = run_ablation(splits, AblationConfig(), rows=rows, progress=False).rows
-    assert main([*args, str(tmp_path / "sparse.json")]) == 0
     capsys.readouterr()
     for name in rows:
         for key, value in dense[name].items():
             assert sparse[name][key] == pytest.approx(value, abs=1e-6), (name, key)
     assert dense["baseline_rr"] != dense["baseline"]
-    assert json.loads((tmp_path / "dense.json").read_text()) == \
-        json.loads((tmp_path / "sparse.json").read_text())
+    for name in commands:
+        assert evaluate(name, "sparse") == cli[name]
 
 
 def test_bad_input_is_refused():

@@ -164,3 +164,60 @@ def test_classifier_starts_imprinted_or_random(tiny):
     with pytest.raises(ValueError, match=r"classifier_init must be one of \('imprint', "
                                          r"'random'\), got 'zeros'"):
         train_orgnn(train, TrainConfig(epochs=1, classifier_init="zeros"), progress=False)
+
+
+def test_random_head_starts_near_chance_and_its_loss_falls(tiny):
+    """The default head starts at a loss of about ln(C) (not above it, as an imprinted head
+    of unnormalised class means did) and the loss falls within the first epoch."""
+    train = tiny["train"]
+    cfg = TrainConfig(epochs=1, classifier_init="random", outlier_scorer="none",
+                      ids_per_batch=4, sets_per_id=4)
+    model = train_orgnn(train, cfg, progress=False)
+    classes = len(np.unique(train.pids))
+    history = model.loss_history
+    assert len(history) >= 4
+    assert history[0] <= np.log(classes) + 0.5
+    half = len(history) // 2
+    assert np.mean(history[half:]) < np.mean(history[:half])
+
+
+def test_batch_hard_triplet_by_a_loop():
+    from orgnn.training import batch_hard_triplet
+
+    rng = np.random.default_rng(0)
+    feats = torch.from_numpy(rng.normal(size=(6, 2, 3)).astype(np.float32))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+
+    def dist(a, b):     # SPEC §5: 1 - mean part cosine
+        return 1 - np.mean([np.dot(a[k], b[k]) / np.linalg.norm(a[k]) / np.linalg.norm(b[k])
+                            for k in range(a.shape[0])])
+
+    x = feats.numpy()
+    terms = []
+    for a in range(6):
+        pos = max(dist(x[a], x[p]) for p in range(6) if labels[p] == labels[a])
+        neg = min(dist(x[a], x[n]) for n in range(6) if labels[n] != labels[a])
+        terms.append(max(0.0, pos - neg + 0.3))
+    assert batch_hard_triplet(feats, labels, 0.3).item() == pytest.approx(np.mean(terms),
+                                                                          abs=1e-5)
+
+
+def test_output_bn_returns_the_heads_normalised_feature(tiny):
+    train = tiny["train"]
+    model = train_orgnn(train, TrainConfig(epochs=1, classifier_init="random",
+                                           outlier_scorer="none", output_bn=True),
+                        progress=False)
+    from orgnn.graphs import dense_neighbourhood_batch
+    from orgnn.training import train_neighbourhoods
+
+    nbrs = train_neighbourhoods(train, model.train_config)
+    x, mask = dense_neighbourhood_batch(train.features[:5], train.features, nbrs.index[:5])
+    vis = torch.from_numpy(train.visible[:5])
+    with torch.no_grad():
+        bn_out = model(x, mask, target_visible=vis)
+        model.output_bn = False
+        raw = model(x, mask, target_visible=vis)
+    bn = model.bn
+    expected = ((raw.reshape(5, -1) - bn.running_mean) / (bn.running_var + bn.eps).sqrt()
+                * bn.weight + bn.bias).view_as(raw)
+    torch.testing.assert_close(bn_out, expected, atol=1e-5, rtol=1e-4)

@@ -181,6 +181,10 @@ class ORGNN(torch.nn.Module):
             entries, which a ReLU would halve. (default: :obj:`"relu"`)
         scorer (NeighbourScorer, optional): the learned outlier scorer that goes with this
             model (:mod:`orgnn.outliers`); kept here so that one checkpoint carries both.
+        output_bn (bool): in eval mode, return the Eq. 7 head's batch-normalised feature
+            :math:`\mathrm{BN}(\mathbf{x}^T)` (the BNNeck retrieval feature: the one the
+            classifier was trained on) instead of :math:`\mathbf{x}^T`; needs
+            ``num_classes``. (default: :obj:`False`)
 
     Shapes:
         - **input:** dense neighbourhoods :math:`(B, M, N, F)` with node 0 the target and a
@@ -202,8 +206,12 @@ class ORGNN(torch.nn.Module):
         add_self_loops: bool = False,
         act: str = "relu",
         scorer: NeighbourScorer | None = None,
+        output_bn: bool = False,
     ) -> None:
         super().__init__()
+        if output_bn and num_classes is None:
+            raise ValueError("ORGNN(output_bn=True) needs num_classes: the batch norm is the "
+                             "Eq. 7 head's")
         if target_init not in TARGET_INITS:
             raise ValueError(f"target_init must be one of {TARGET_INITS}, got {target_init!r}")
         if num_layers < 1:
@@ -219,6 +227,7 @@ class ORGNN(torch.nn.Module):
                               add_self_loops, act)
             for t in range(num_layers))
         self.scorer = scorer
+        self.output_bn = output_bn
         if num_classes is not None:
             self.bn = torch.nn.BatchNorm1d(num_parts * hidden_channels)
             self.bn.bias.requires_grad_(False)  # BNNeck
@@ -239,8 +248,19 @@ class ORGNN(torch.nn.Module):
             if node_weight is not None or self.add_self_loops:
                 raise ValueError("ORGNN: node_weight and add_self_loops=True take dense "
                                  "neighbourhood batches (B, M, N, F), not a PyG Batch")
-            return self._forward_sparse(x, target_visible)
-        return self._forward_dense(x, mask, target_visible, node_weight)
+            out = self._forward_sparse(x, target_visible)
+        else:
+            out = self._forward_dense(x, mask, target_visible, node_weight)
+        return self.retrieval_feature(out) if self.output_bn and not self.training else out
+
+    def retrieval_feature(self, features: Tensor) -> Tensor:
+        """``BN(features)`` with the head's running statistics (eval-mode batch norm),
+        shape kept: ``(B, M, F_hid)``."""
+        b = features.size(0)
+        flat = F.batch_norm(features.reshape(b, -1), self.bn.running_mean,
+                            self.bn.running_var, self.bn.weight, self.bn.bias,
+                            training=False, eps=self.bn.eps)
+        return flat.view_as(features)
 
     # ----------------------------------------------------------------------------------
     def _forward_dense(self, x: Tensor, mask: Tensor | None,
