@@ -47,9 +47,10 @@ from orgnn.search import MIN_POINTS_PER_LIST, TRAIN_POINTS_PER_LIST, resolve_npr
 __all__ = ["re_ranking_features", "dense_re_ranking_bytes", "dense_fits",
            "DENSE_RERANK_MAX_BYTES"]
 
+#: Searches for the neighbour lists: exact chunked products, or faiss IVF (approximate).
 INDEXES = ("flat", "ivf")
 #: Largest working set (bytes) :func:`dense_fits` allows the dense re-ranking, whatever the
-#: free memory: Market-1501 and DukeMTMC-reID (about 1.5 GB) stay dense, MSMT17 (36 GB) not.
+#: free memory: Market-1501 and DukeMTMC-reID (about 1.5 GB) stay dense, MSMT17 (31 GB) not.
 DENSE_RERANK_MAX_BYTES = 4 * 1024 ** 3
 #: Pairs whose exact distances are computed at once (two gathered ``(pairs, M D)`` blocks).
 PAIR_CHUNK = 1 << 14
@@ -75,6 +76,7 @@ def dense_fits(num_query: int, num_gallery: int, max_bytes: int | None = None) -
 
 
 def _available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes; None where there is no such file."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
