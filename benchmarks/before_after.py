@@ -1,8 +1,8 @@
 """The hot paths of the working tree against an earlier revision, in one process, interleaved.
 
-``orgnn/nn/*`` and ``orgnn/graphs.py`` of ``--rev`` are read with ``git show`` (read-only),
-written to a temporary package ``orgnn_rev`` (imports renamed) and timed beside the working
-tree's on the same inputs, after checking that both give the same outputs:
+``orgnn/nn/*`` and ``orgnn/reconstruction/graphs.py`` of ``--rev`` are read with ``git show``
+(read-only), written to a temporary package ``orgnn_rev`` (imports renamed) and timed beside the
+working tree's on the same inputs, after checking that both give the same outputs:
 
 * ``dense_fwd`` / ``dense_fwd_bwd``: :class:`DenseORGNNConv`, ``B x N x F`` (default 4096 x 11
   x 256);
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.config, args.model_batch, args.repeats = "256:11:64", 128, 3
     b, n, f = (int(v) for v in args.config.split(":"))
 
-    import orgnn.graphs as new_graphs
     import orgnn.nn as new_nn
+    import orgnn.reconstruction.graphs as new_graphs
     with tempfile.TemporaryDirectory() as tmp:
         old_nn, old_graphs = load_revision(args.rev, Path(tmp))
         torch.manual_seed(0)

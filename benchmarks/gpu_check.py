@@ -9,8 +9,8 @@ Sections (``--sections``, all by default, in this order):
 * ``fen``: FEN throughput (:class:`orgnn.reid.models.FEN`, ResNet-50, random weights, 702
   classes) on random 384 x 128 images: inference images/s in float32 and under bf16 autocast,
   and training steps (forward, Eq. 1 as cross-entropy plus triplet, backward, SGD) per second;
-* ``rerank``: :func:`orgnn.rerank.re_ranking_features` at MSMT17's test size (11,659 x 82,161,
-  6 x 256 synthetic features) with the exact search's matrix products on the GPU.
+* ``rerank``: :func:`orgnn.retrieval.rerank.re_ranking_features` at MSMT17's test size
+  (11,659 x 82,161, 6 x 256 synthetic features) with the exact search's products on the GPU.
 
 The device must be CUDA: without one the script stops with a message saying so. ``--device
 cpu --quick`` runs every section on tiny sizes in seconds, so that the script itself is

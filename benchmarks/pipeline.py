@@ -4,17 +4,18 @@ For each preset (``occluded_reid``, ``market1501``, ``occluded_duke``; sizes in
 :data:`orgnn.datasets.synthetic.PRESETS`) the script times, on query and gallery together:
 
 * ``search``: the neighbourhoods of the query in the gallery and of the gallery in itself
-  (:func:`orgnn.pipeline.search_split`, exact faiss search by default, the spec's K/theta);
+  (:func:`orgnn.reconstruction.pipeline.search_split`, exact faiss search by default, the spec's
+  K/theta);
 * ``graphs``: gathering the neighbourhoods into padded dense batches
-  (:func:`orgnn.graphs.dense_neighbourhood_batch`);
+  (:func:`orgnn.reconstruction.graphs.dense_neighbourhood_batch`);
 * ``reconstruct``: the OR-GNN forward on those batches (an **untrained** identity-initialised
   :class:`orgnn.ORGNN`, T=2: training is not part of the timing and its cost does not depend
   on the weights' values);
 * ``evaluate``: the part distance matrix and the Market-1501 metrics.
 
-``graphs + reconstruct`` is the same loop as :func:`orgnn.pipeline.reconstruct` (checked
-equal to it). Beside the pipeline, k-reciprocal re-ranking is timed two ways on the same
-distances: ours (:func:`orgnn.metrics.re_ranking`, including the query-query and
+``graphs + reconstruct`` is the same loop as :func:`orgnn.reconstruction.pipeline.reconstruct`
+(checked equal to it). Beside the pipeline, k-reciprocal re-ranking is timed two ways on the same
+distances: ours (:func:`orgnn.retrieval.metrics.re_ranking`, including the query-query and
 gallery-gallery distances it needs) and the direct numpy rendering of the original algorithm
 (``re_ranking_loop`` in ``tests/reference_impls.py``), run in a child process with a time
 limit; when the full size does not fit in it, the loop reference is timed on the first
@@ -52,12 +53,12 @@ QUICK_OVERRIDES = dict(num_train_ids=20, num_train=200, num_test_ids=120, num_qu
 
 
 def run_preset(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from orgnn import metrics
     from orgnn.datasets import synthetic_preset
-    from orgnn.graphs import dense_neighbourhood_batch
     from orgnn.nn import ORGNN
-    from orgnn.pipeline import oan_parts, part_distance, reconstruct, search_split
-    from orgnn.training import SearchConfig
+    from orgnn.reconstruction.graphs import dense_neighbourhood_batch
+    from orgnn.reconstruction.pipeline import oan_parts, part_distance, reconstruct, search_split
+    from orgnn.reconstruction.training import SearchConfig
+    from orgnn.retrieval import metrics
 
     overrides = dict(QUICK_OVERRIDES) if args.quick else {}
     if name == "occluded_reid" and args.quick:
@@ -95,10 +96,10 @@ def run_preset(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
                 parts.append(model(x, mask).float().cpu().numpy())
             del x, mask
         outputs[split] = np.concatenate(parts)
-    # the loop above is orgnn.pipeline.reconstruct's: check it on the query side
+    # the loop above is orgnn.reconstruction.pipeline.reconstruct's: check it on the query side
     ref = reconstruct(model, query.features, gallery.features, q_nbrs, args.batch_size, device)
     if not np.allclose(ref, outputs["query"], atol=1e-5):
-        raise AssertionError("stage loop differs from orgnn.pipeline.reconstruct")
+        raise AssertionError("stage loop differs from orgnn.reconstruction.pipeline.reconstruct")
 
     q_rec, g_rec = outputs["query"], outputs["gallery"]
     with _common.stage(timings, memory, "evaluate"):
@@ -182,7 +183,7 @@ def loop_child(folder: Path, q: int, g: int) -> dict[str, Any]:
     sys.path.insert(0, str(_common.REPO / "tests"))
     from reference_impls import re_ranking_loop
 
-    from orgnn import metrics
+    from orgnn.retrieval import metrics
 
     q_g = np.load(folder / "q_g.npy", mmap_mode="r")[:q, :g].copy()
     q_q = np.load(folder / "q_q.npy", mmap_mode="r")[:q, :q].copy()

@@ -10,8 +10,8 @@ literal settings (Eq. 4 alone, ReLU, training K=30 / theta=0.7, inference K=10 /
 target started as the neighbours' mean, 5 epochs of Eq. 7).
 
 ``--sweep`` runs on a validation split carved out of the *training* identities
-(:func:`orgnn.validation.validation_split`, 25 %, seed 0): the test split is never looked at
-to choose anything. Each variant changes one setting of the defaults.
+(:func:`orgnn.reconstruction.validation.validation_split`, 25 %, seed 0): the test split is never
+looked at to choose anything. Each variant changes one setting of the defaults.
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ import torch_geometric
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orgnn.features import load_split_dir  # noqa: E402
-from orgnn.pipeline import AblationConfig, format_table, run_ablation  # noqa: E402
-from orgnn.training import SearchConfig, TrainConfig  # noqa: E402
-from orgnn.validation import validation_split  # noqa: E402
+from orgnn.io.features import load_split_dir  # noqa: E402
+from orgnn.reconstruction.pipeline import AblationConfig, format_table, run_ablation  # noqa: E402
+from orgnn.reconstruction.training import SearchConfig, TrainConfig  # noqa: E402
+from orgnn.reconstruction.validation import validation_split  # noqa: E402
 
 SETS = ("cuhk03-parts", "mini-mars-parts")
 #: The paper's literal settings (SPEC §3-4), reachable by options.
@@ -73,7 +73,7 @@ def machine() -> str:
 
 
 def default_config(search: dict | None = None, train: dict | None = None) -> AblationConfig:
-    from orgnn.commands import DEFAULT_EPOCHS
+    from orgnn.cli.commands import DEFAULT_EPOCHS
 
     return AblationConfig(search=SearchConfig(**(search or {})),
                           train=TrainConfig(**{"epochs": DEFAULT_EPOCHS, **(train or {})}))

@@ -36,9 +36,9 @@ import numpy as np
 from _common import REPO  # noqa: F401  (puts the repository on sys.path)
 from real_ablation import data_dir, machine
 
-from orgnn.features import PartFeatures, load_split_dir
-from orgnn.pipeline import AblationConfig, run_ablation
-from orgnn.training import SearchConfig, TrainConfig
+from orgnn.io.features import PartFeatures, load_split_dir
+from orgnn.reconstruction.pipeline import AblationConfig, run_ablation
+from orgnn.reconstruction.training import SearchConfig, TrainConfig
 
 ROWS = ("baseline", "oan", "avg", "orgnn", "upper_bound")
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
-    from orgnn.commands import DEFAULT_EPOCHS
+    from orgnn.cli.commands import DEFAULT_EPOCHS
 
     root = data_dir()
     frames = np.load(root / "all-frames.npz")

@@ -1,14 +1,14 @@
-"""k-reciprocal re-ranking at MSMT17's test size, from features (:mod:`orgnn.rerank`).
+"""k-reciprocal re-ranking at MSMT17's test size, from features (:mod:`orgnn.retrieval.rerank`).
 
-The dense :func:`orgnn.metrics.re_ranking` needs the ``(G, G)`` gallery distances: 27 GB at
-MSMT17's 82,161 gallery images (and the ``(Q, Q)``, ``(Q, G)`` ones and its ``(Q, G)``
-output: :func:`orgnn.rerank.dense_re_ranking_bytes`). This script runs what
+The dense :func:`orgnn.retrieval.metrics.re_ranking` needs the ``(G, G)`` gallery distances:
+27 GB at MSMT17's 82,161 gallery images (and the ``(Q, Q)``, ``(Q, G)`` ones and its ``(Q, G)``
+output: :func:`orgnn.retrieval.rerank.dense_re_ranking_bytes`). This script runs what
 ``orgnn evaluate --rerank`` runs on such a set, on synthetic clustered part features:
 
-* ``distance``: the ``(Q, G)`` part distance (:func:`orgnn.pipeline.part_distance`);
+* ``distance``: the ``(Q, G)`` part distance (:func:`orgnn.reconstruction.pipeline.part_distance`);
 * ``evaluate``: the Market-1501 metrics on it;
-* ``rerank``: :func:`orgnn.rerank.re_ranking_features` (k1=20, k2=6, lambda=0.3), written
-  into the distance matrix in place, as :func:`orgnn.pipeline.rerank_distances` does;
+* ``rerank``: :func:`orgnn.retrieval.rerank.re_ranking_features` (k1=20, k2=6, lambda=0.3), written
+  into the distance matrix in place, as :func:`orgnn.reconstruction.pipeline.rerank_distances` does;
 * ``evaluate_rr``: the metrics of the re-ranked distances;
 
 and reports each stage's wall time and the process' peak resident set during it (absolute,
@@ -83,9 +83,9 @@ def make_world(num_query: int, num_gallery: int, parts: int, dim: int, ids: int,
 
 
 def full_size(world: dict[str, np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
-    from orgnn import metrics
-    from orgnn.pipeline import oan_parts, part_distance
-    from orgnn.rerank import dense_re_ranking_bytes, re_ranking_features
+    from orgnn.reconstruction.pipeline import oan_parts, part_distance
+    from orgnn.retrieval import metrics
+    from orgnn.retrieval.rerank import dense_re_ranking_bytes, re_ranking_features
 
     q, g = world["query_features"], world["gallery_features"]
     qp = oan_parts(world["query_visible"]) if args.oan else None
@@ -140,9 +140,9 @@ def full_size(world: dict[str, np.ndarray], args: argparse.Namespace) -> dict[st
 
 def subset_check(world: dict[str, np.ndarray], args: argparse.Namespace) -> dict[str, Any]:
     """Feature path against the dense one on the first queries and gallery items."""
-    from orgnn import metrics
-    from orgnn.pipeline import oan_parts, part_distance
-    from orgnn.rerank import re_ranking_features
+    from orgnn.reconstruction.pipeline import oan_parts, part_distance
+    from orgnn.retrieval import metrics
+    from orgnn.retrieval.rerank import re_ranking_features
 
     nq, ng = args.subset
     q, g = world["query_features"][:nq], world["gallery_features"][:ng]

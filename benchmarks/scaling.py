@@ -3,7 +3,7 @@
 A synthetic gallery of ``G`` images (6 parts x 256-d float16) is generated chunk by chunk
 into a ``.npy`` file (``--workdir``, reused by later runs) and memory-mapped read-only, so the
 process never holds it: 10^7 images are 29 GiB on disk. ``--queries`` occluded query images
-of gallery identities then search it with :func:`orgnn.search.search_neighbourhoods`
+of gallery identities then search it with :func:`orgnn.retrieval.search.search_neighbourhoods`
 (visible-mean mode, K=10, theta=0.7):
 
 * ``exact``: the torch search on the CPU (``device="cpu"``): exact, the gallery streamed in
@@ -16,15 +16,16 @@ of gallery identities then search it with :func:`orgnn.search.search_neighbourho
 
 The queries are then reconstructed by an untrained identity-initialised :class:`orgnn.ORGNN`
 from their ``ivfpq`` neighbourhoods, gathering neighbour rows from the mapped file
-(:func:`orgnn.pipeline.reconstruct`). Per stage the script records the time, the growth of
-the resident set and its absolute high-water mark (``VmHWM`` after a reset; it counts mapped
-file pages the process touches, see ``benchmarks/_common.py``).
+(:func:`orgnn.reconstruction.pipeline.reconstruct`). Per stage the script records the time, the
+growth of the resident set and its absolute high-water mark (``VmHWM`` after a reset; it counts
+mapped file pages the process touches, see ``benchmarks/_common.py``).
 
 Two more measurements: ``--duke`` times the exact torch search (CPU) against faiss
 ``IndexFlatIP`` on the Occluded-Duke-sized synthetic world (query and gallery searches, as
-:func:`orgnn.pipeline.search_split` runs them), interleaved, and checks they return the same
-neighbours; ``--torchrun`` runs ``orgnn reconstruct`` on that world in one process and under
-``torchrun --nproc-per-node 2`` (gloo), times both and compares the output files byte for byte.
+:func:`orgnn.reconstruction.pipeline.search_split` runs them), interleaved, and checks they return
+the same neighbours; ``--torchrun`` runs ``orgnn reconstruct`` on that world in one process and
+under ``torchrun --nproc-per-node 2`` (gloo), times both and compares the output files byte for
+byte.
 
 Usage::
 
@@ -172,8 +173,8 @@ def recall(exact: np.ndarray, approx: np.ndarray) -> float:
 
 def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
     from orgnn.nn import ORGNN
-    from orgnn.pipeline import reconstruct
-    from orgnn.search import _ivf_nlist, resolve_nprobe, search_neighbourhoods
+    from orgnn.reconstruction.pipeline import reconstruct
+    from orgnn.retrieval.search import _ivf_nlist, resolve_nprobe, search_neighbourhoods
 
     gallery, query, visible, gen_s = write_world(Path(args.workdir), size, args.queries,
                                                  args.seed)
@@ -280,8 +281,8 @@ def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 def duke_devices(args: argparse.Namespace) -> dict[str, Any]:
     from orgnn.datasets import synthetic_preset
-    from orgnn.pipeline import search_split
-    from orgnn.training import SearchConfig
+    from orgnn.reconstruction.pipeline import search_split
+    from orgnn.reconstruction.training import SearchConfig
 
     splits = synthetic_preset("occluded_duke", seed=0)
     query, gallery = splits["query"], splits["gallery"]
@@ -310,9 +311,9 @@ def torchrun_row(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from orgnn.datasets import synthetic_preset
-    from orgnn.features import save_split_dir
+    from orgnn.io.features import save_split_dir
     from orgnn.nn import ORGNN
-    from orgnn.training import TrainConfig, save_checkpoint
+    from orgnn.reconstruction.training import TrainConfig, save_checkpoint
 
     work = Path(args.workdir) / "torchrun"
     data = work / "data"

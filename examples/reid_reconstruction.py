@@ -25,10 +25,9 @@ import os
 import time
 from pathlib import Path
 
-from orgnn import metrics
 from orgnn.datasets import synthetic_preset
-from orgnn.features import load_split_dir
-from orgnn.pipeline import (
+from orgnn.io.features import load_split_dir
+from orgnn.reconstruction.pipeline import (
     average_reconstruct,
     oan_parts,
     part_distance,
@@ -36,7 +35,8 @@ from orgnn.pipeline import (
     resolve_search,
     search_split,
 )
-from orgnn.training import SearchConfig, TrainConfig, train_orgnn
+from orgnn.reconstruction.training import SearchConfig, TrainConfig, train_orgnn
+from orgnn.retrieval import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 

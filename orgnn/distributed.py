@@ -2,8 +2,8 @@
 
 Started by ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1`` in the environment), a command
 calls :func:`setup`, which joins the default ``torch.distributed`` process group (NCCL when
-the device is CUDA, gloo on CPU). From then on :func:`orgnn.pipeline.search_split` and
-:func:`orgnn.pipeline.reconstruct` give each rank its own share of the images
+the device is CUDA, gloo on CPU). From then on :func:`orgnn.reconstruction.pipeline.search_split`
+and :func:`orgnn.reconstruction.pipeline.reconstruct` give each rank its own share of the images
 (:func:`shard`) and all-gather the pieces, so every rank holds the whole result and rank 0
 writes it (:func:`is_main`). Every rank searches the same gallery (a memory-mapped file is
 one copy in the page cache, whatever the number of ranks).
@@ -15,7 +15,7 @@ process would run, with the same shapes, and the gathered arrays are bit-for-bit
 single-process arrays (the OR-GNN's float32 kernels give a row the same bits in a batch of
 the same shape, but not always in a batch of another size: measured in
 ``tests/test_distributed.py``). Search results are per image anyway (see
-:mod:`orgnn.search`).
+:mod:`orgnn.retrieval.search`).
 
 Without ``WORLD_SIZE > 1`` nothing is joined: :func:`world_size` is 1, :func:`shard` the
 whole range and :func:`all_gather_rows` the identity, so a single process runs the same code.

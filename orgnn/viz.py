@@ -27,12 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from orgnn import metrics
-from orgnn.features import PartFeatures
-from orgnn.graphs import dense_neighbourhood_batch
+from orgnn.io.features import PartFeatures
 from orgnn.nn import ORGNN
 from orgnn.nn.functional import sparse_affinity, sparse_confidence
-from orgnn.pipeline import (
+from orgnn.reconstruction.graphs import dense_neighbourhood_batch
+from orgnn.reconstruction.pipeline import (
     ABLATION_ROWS,
     METRIC_KEYS,
     average_reconstruct,
@@ -42,8 +41,9 @@ from orgnn.pipeline import (
     resolve_search,
     search_split,
 )
-from orgnn.search import Neighbourhoods
-from orgnn.training import SearchConfig, TrainConfig, train_orgnn
+from orgnn.reconstruction.training import SearchConfig, TrainConfig, train_orgnn
+from orgnn.retrieval import metrics
+from orgnn.retrieval.search import Neighbourhoods
 
 __all__ = [
     "RANK_ROWS",
@@ -106,7 +106,7 @@ def prepare_model(train: PartFeatures | None = None, checkpoint: str | os.PathLi
     ``config`` (``epochs=0`` gives the untrained identity-initialised model, i.e. the
     confidence-weighted mean of the neighbours)."""
     if checkpoint is not None:
-        from orgnn.training import load_checkpoint
+        from orgnn.reconstruction.training import load_checkpoint
 
         return load_checkpoint(checkpoint)[0]
     config = config or TrainConfig()
@@ -127,7 +127,7 @@ def row_distances(query: PartFeatures, gallery: PartFeatures, rows: Sequence[str
                   rerank: tuple[int, int, float] = (20, 6, 0.3),
                   progress: bool = False) -> dict[str, np.ndarray]:
     """The ``(Q, G)`` distance matrix of each ablation row (SPEC §6), as
-    :func:`orgnn.pipeline.run_ablation` computes them.
+    :func:`orgnn.reconstruction.pipeline.run_ablation` computes them.
 
     ``models`` may hold trained ``"orgnn"`` and ``"oan_gnn"`` models; a missing one is
     trained on ``train`` with ``train_config``. ``rerank`` is ``(k1, k2, lambda)``.

@@ -1,4 +1,4 @@
-"""Plain loop references for :mod:`orgnn.metrics`, written from the definitions.
+"""Plain loop references for :mod:`orgnn.retrieval.metrics`, written from the definitions.
 
 They are slow on purpose: one Python iteration per query (``evaluate_loop``) or per sample
 (``re_ranking_loop``), no cleverness, so that the vectorised code can be checked against them.
@@ -91,7 +91,7 @@ def re_ranking_loop(
 
     ``argsort_kind`` is the ``kind`` of the one ``np.argsort``; the default ``"quicksort"`` is
     numpy's default, as in the original. ``"stable"`` ranks equal distances by index, which
-    is how :func:`orgnn.metrics.re_ranking` breaks ties.
+    is how :func:`orgnn.retrieval.metrics.re_ranking` breaks ties.
     """
     query_num = q_g_dist.shape[0]
     all_num = q_g_dist.shape[0] + q_g_dist.shape[1]

@@ -11,7 +11,7 @@ import pytest
 
 from orgnn.cli import main
 from orgnn.datasets import synthetic_preset
-from orgnn.features import load_part_features, save_split_dir
+from orgnn.io.features import load_part_features, save_split_dir
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_ablation_train_reconstruct_evaluate(data_dir, tmp_path, capsys):
 
 
 def test_training_options_reach_the_checkpoint(data_dir, tmp_path):
-    from orgnn.training import load_checkpoint
+    from orgnn.reconstruction.training import load_checkpoint
 
     ckpt = tmp_path / "random-head.pt"
     assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--epochs", "1",
@@ -98,19 +98,21 @@ def test_reconstruct_from_memory_maps_writes_the_same_files(data_dir, tmp_path, 
     through mapped scratch files (the path of galleries too large to hold), and must write
     exactly what reading them gives; the gallery's index is built once for the query and
     gallery searches."""
-    import orgnn.search
-    import orgnn.storage
+    import orgnn.io.features
+    import orgnn.io.storage
+    import orgnn.retrieval.search
 
     ckpt = tmp_path / "m.pt"
     assert main(["train", "--data", str(data_dir), "--out", str(ckpt), "--quiet"]) == 0
     mapped_loads, builds, streamed = [], [], []
-    real_load, real_build = orgnn.storage.load_part_features_mapped, orgnn.search._faiss_index
-    real_open = orgnn.storage.open_npy
-    monkeypatch.setattr(orgnn.storage, "load_part_features_mapped",
+    real_load = orgnn.io.features.load_part_features_mapped
+    real_build = orgnn.retrieval.search._faiss_index
+    real_open = orgnn.io.storage.open_npy
+    monkeypatch.setattr(orgnn.io.features, "load_part_features_mapped",
                         lambda path: mapped_loads.append(path) or real_load(path))
-    monkeypatch.setattr(orgnn.storage, "open_npy",
+    monkeypatch.setattr(orgnn.io.storage, "open_npy",
                         lambda path, *a: streamed.append(Path(path).name) or real_open(path, *a))
-    monkeypatch.setattr(orgnn.search, "_faiss_index",
+    monkeypatch.setattr(orgnn.retrieval.search, "_faiss_index",
                         lambda *a: builds.append(a[1]) or real_build(*a))
     outs = {}
     for how in ("never", "always"):
@@ -127,7 +129,7 @@ def test_reconstruct_from_memory_maps_writes_the_same_files(data_dir, tmp_path, 
 
 
 def test_reconstruct_keeps_float16_features_float16(data_dir, tmp_path):
-    from orgnn.features import PartFeatures, load_split_dir
+    from orgnn.io.features import PartFeatures, load_split_dir
 
     half = tmp_path / "half"
     splits = load_split_dir(data_dir)
@@ -146,7 +148,7 @@ def test_reconstruct_keeps_float16_features_float16(data_dir, tmp_path):
 
 def test_evaluate_visible_global_and_aqe_equal_the_ablations_peer_rows(data_dir, tmp_path,
                                                                        capsys):
-    from orgnn.pipeline import run_ablation
+    from orgnn.reconstruction.pipeline import run_ablation
 
     rows = run_ablation(synthetic_preset("tiny", seed=0),
                         rows=("vis_global", "vis_global_rr", "aqe", "aqe_rr"),

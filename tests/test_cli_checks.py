@@ -13,7 +13,7 @@ import pytest
 
 from orgnn.cli import main
 from orgnn.datasets import synthetic_preset
-from orgnn.features import PartFeatures, save_split_dir
+from orgnn.io.features import PartFeatures, save_split_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,7 @@ import pytest
 
 from orgnn.cli import main
 from orgnn.datasets import synthetic_preset
-from orgnn.features import load_part_features, save_split_dir
+from orgnn.io.features import load_part_features, save_split_dir
 
 PAUSE = 0.25  # seconds per write step in the interrupted runs
 REPO = Path(__file__).resolve().parents[1]

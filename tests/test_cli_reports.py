@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orgnn import io_atomic, metrics
 from orgnn.cli import build_parser, main, quiet_third_party_warnings
-from orgnn.commands import DEFAULT_EPOCHS, ROWS
+from orgnn.cli.commands import DEFAULT_EPOCHS, ROWS
 from orgnn.datasets import synthetic_preset
-from orgnn.features import PartFeatures, save_split_dir
+from orgnn.io import atomic as io_atomic
+from orgnn.io.features import PartFeatures, save_split_dir
+from orgnn.retrieval import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PROGRESS_COMMANDS = ("demo", "ablation", "train", "reconstruct", "show-ranks", "show-graph",
@@ -152,7 +153,7 @@ def test_every_option_has_help_and_every_command_a_description():
 
 
 def test_rows_copy_matches_the_pipeline():
-    from orgnn.pipeline import ABLATION_ROWS
+    from orgnn.reconstruction.pipeline import ABLATION_ROWS
 
     assert ROWS == ABLATION_ROWS
 

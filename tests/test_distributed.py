@@ -14,11 +14,11 @@ import torch
 
 from orgnn import distributed
 from orgnn.datasets.synthetic import synthetic
-from orgnn.features import save_split_dir
-from orgnn.graphs import map_dense_batches
+from orgnn.io.features import save_split_dir
 from orgnn.nn import ORGNN
-from orgnn.search import search_neighbourhoods
-from orgnn.training import TrainConfig, save_checkpoint
+from orgnn.reconstruction.graphs import map_dense_batches
+from orgnn.reconstruction.training import TrainConfig, save_checkpoint
+from orgnn.retrieval.search import search_neighbourhoods
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,10 +118,11 @@ def test_torchrun_two_ranks_write_the_same_files(world, tmp_path):
 _ABLATION_SCRIPT = """
 import json, sys
 import torch.distributed as dist
-from orgnn import distributed, training
+from orgnn import distributed
+from orgnn.reconstruction import training
 from orgnn.datasets import synthetic_preset
-from orgnn.pipeline import AblationConfig, run_ablation
-from orgnn.training import TrainConfig
+from orgnn.reconstruction.pipeline import AblationConfig, run_ablation
+from orgnn.reconstruction.training import TrainConfig
 
 group = distributed.setup("cpu")
 if group.rank != 0:  # only rank 0 may train; the others must receive its model
@@ -141,7 +142,7 @@ def test_ablation_under_torchrun_trains_once_and_scores_the_same(tmp_path):
     """`run_ablation` with two gloo ranks: rank 0 alone trains (rank 1 would fail if it
     did), rank 1 reconstructs with the model it receives, and the rows equal one process'."""
     from orgnn.datasets import synthetic_preset
-    from orgnn.pipeline import AblationConfig, run_ablation
+    from orgnn.reconstruction.pipeline import AblationConfig, run_ablation
 
     script = tmp_path / "ablation.py"
     script.write_text(_ABLATION_SCRIPT)

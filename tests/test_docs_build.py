@@ -29,10 +29,11 @@ def test_docs_build_without_warnings(tmp_path):
             "examples", "api", "cli"} <= pages
     api = (out / "api.html").read_text()
     for name in ("orgnn.ORGNNConv", "orgnn.DenseORGNNConv", "orgnn.ORGNN",
-                 "orgnn.search.search_neighbourhoods", "orgnn.metrics.evaluate",
-                 "orgnn.datasets.synthetic", "orgnn.pipeline.run_ablation", "orgnn.viz.plot_ranks",
-                 "orgnn.storage.load_part_features_mapped", "orgnn.distributed.setup",
-                 "orgnn.training.train_orgnn_once"):
+                 "orgnn.retrieval.search.search_neighbourhoods", "orgnn.retrieval.metrics.evaluate",
+                 "orgnn.datasets.synthetic", "orgnn.reconstruction.pipeline.run_ablation",
+                 "orgnn.viz.plot_ranks",
+                 "orgnn.io.features.load_part_features_mapped", "orgnn.distributed.setup",
+                 "orgnn.reconstruction.training.train_orgnn_once"):
         assert f'id="{name}"' in api, name
     cli = (out / "cli.html").read_text()
     for command in ("show-ranks", "show-graph", "plot-cmc", "demo", "ablation"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orgnn.features import (
+from orgnn.io.features import (
     SPLITS,
     VISIBLE_THRESHOLD,
     PartFeatureError,
@@ -318,9 +318,9 @@ def test_split_dir_missing_split(tmp_path):
 def test_non_finite_features_are_counted_across_row_chunks(monkeypatch):
     """The finiteness check reads large (mapped) arrays a chunk of rows at a time; the count
     and the first index must be those of the whole array."""
-    import orgnn.storage
+    import orgnn.io.storage
 
-    monkeypatch.setattr(orgnn.storage, "chunk_rows", lambda arr, *a: 2)
+    monkeypatch.setattr(orgnn.io.storage, "chunk_rows", lambda arr, *a: 2)
     pf = make_pf(n=7)
     pf.features[3, 1, 2] = np.inf
     pf.features[6, 0, 0] = np.nan

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orgnn import ORGNN
-from orgnn.graphs import dense_neighbourhood_batch, pyg_neighbourhood_batch
+from orgnn.reconstruction.graphs import dense_neighbourhood_batch, pyg_neighbourhood_batch
 
 
 def _data(seed=0):

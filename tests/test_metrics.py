@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from orgnn import metrics
-from orgnn.metrics import evaluate, re_ranking
+from orgnn.retrieval import metrics
+from orgnn.retrieval.metrics import evaluate, re_ranking
 from tests.reference_impls import evaluate_loop, re_ranking_loop
 
 KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10", "num_valid_queries", "num_skipped_queries")

@@ -1,5 +1,5 @@
-"""Learned outlier removal (orgnn.outliers), the calibrated threshold and the validation split,
-checked against plain-loop references and hand-built cases."""
+"""Learned outlier removal (orgnn.reconstruction.outliers), the calibrated threshold and the
+validation split, checked against plain-loop references and hand-built cases."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from orgnn import ORGNN
-from orgnn.calibration import calibrate_theta
 from orgnn.datasets import synthetic_preset
-from orgnn.features import PartFeatures
+from orgnn.io.features import PartFeatures
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
-from orgnn.outliers import (
+from orgnn.reconstruction.calibration import calibrate_theta
+from orgnn.reconstruction.outliers import (
     ScorerConfig,
     _lookup_row_values,
     context_features,
@@ -21,8 +21,8 @@ from orgnn.outliers import (
     score_split,
     weighted_reconstruction,
 )
-from orgnn.search import Neighbourhoods, search_neighbourhoods
-from orgnn.validation import validation_split
+from orgnn.reconstruction.validation import validation_split
+from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 
 def _unit(v):

@@ -7,8 +7,8 @@ import torch
 
 from orgnn import ORGNN
 from orgnn.datasets import synthetic_preset
-from orgnn.graphs import dense_neighbourhood_batch
-from orgnn.pipeline import (
+from orgnn.reconstruction.graphs import dense_neighbourhood_batch
+from orgnn.reconstruction.pipeline import (
     ABLATION_ROWS,
     AblationConfig,
     average_reconstruct,
@@ -18,7 +18,7 @@ from orgnn.pipeline import (
     reconstruct,
     run_ablation,
 )
-from orgnn.training import SearchConfig, TrainConfig
+from orgnn.reconstruction.training import SearchConfig, TrainConfig
 
 
 def test_part_distance_by_hand():
@@ -79,7 +79,7 @@ def test_empty_neighbourhood_goes_through_the_same_network():
 
 @pytest.fixture(scope="module")
 def demo_ablation():
-    from orgnn.commands import DEFAULT_EPOCHS
+    from orgnn.cli.commands import DEFAULT_EPOCHS
 
     splits = synthetic_preset("demo", seed=0)
     config = AblationConfig(train=TrainConfig(epochs=DEFAULT_EPOCHS, seed=0))
@@ -109,7 +109,7 @@ def test_ablation_ordering_on_synthetic_world(demo_ablation):
     ({"outlier_scorer": "none"}, 3.0),
 ], ids=["learned-scorer-beats-eq4-alone"])
 def test_default_starts_beat_the_alternatives(demo_ablation, variant, margin):
-    from orgnn.commands import DEFAULT_EPOCHS
+    from orgnn.cli.commands import DEFAULT_EPOCHS
 
     other = TrainConfig(epochs=DEFAULT_EPOCHS, seed=0, **variant)
     splits = synthetic_preset("demo", seed=0)

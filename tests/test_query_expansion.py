@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orgnn.query_expansion import (
+from orgnn.retrieval.query_expansion import (
     average_query_expansion,
     cosine_distance,
     visible_global_feature,

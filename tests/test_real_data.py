@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from orgnn.features import load_split_dir
-from orgnn.pipeline import AblationConfig, run_ablation
-from orgnn.training import SearchConfig, TrainConfig
+from orgnn.io.features import load_split_dir
+from orgnn.reconstruction.pipeline import AblationConfig, run_ablation
+from orgnn.reconstruction.training import SearchConfig, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_reference_rows_match_spec(mars):
 
 
 def test_orgnn_recovers_the_clean_map(mars):
-    from orgnn.commands import DEFAULT_EPOCHS
+    from orgnn.cli.commands import DEFAULT_EPOCHS
 
     config = AblationConfig(train=TrainConfig(epochs=DEFAULT_EPOCHS))
     result = run_ablation(mars["occluded"], config, rows=("avg", "orgnn"), progress=False)
@@ -81,7 +81,7 @@ def cuhk03():
 def test_cuhk03_learned_outlier_removal_beats_every_training_free_row(cuhk03):
     """443 real training identities: at the library defaults the trained reconstruction beats
     plain averaging and training-free re-ranking (the issue's ordering)."""
-    from orgnn.commands import DEFAULT_EPOCHS
+    from orgnn.cli.commands import DEFAULT_EPOCHS
 
     config = AblationConfig(train=TrainConfig(epochs=DEFAULT_EPOCHS))
     result = run_ablation(cuhk03, config, rows=("baseline", "oan", "avg", "orgnn", "oan_rr"),

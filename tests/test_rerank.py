@@ -1,4 +1,4 @@
-"""Feature-based k-reciprocal re-ranking (orgnn.rerank) against the dense one and the loop."""
+"""Feature re-ranking (orgnn.retrieval.rerank) against the dense one and the loop reference."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from orgnn import metrics, rerank
-from orgnn.pipeline import AblationConfig, oan_parts, part_distance, rerank_distances, run_ablation
-from orgnn.rerank import dense_fits, dense_re_ranking_bytes, re_ranking_features
+from orgnn.reconstruction.pipeline import (
+    AblationConfig,
+    oan_parts,
+    part_distance,
+    rerank_distances,
+    run_ablation,
+)
+from orgnn.retrieval import metrics, rerank
+from orgnn.retrieval.rerank import dense_fits, dense_re_ranking_bytes, re_ranking_features
 from tests.reference_impls import re_ranking_loop
 
 
@@ -103,7 +109,7 @@ def test_large_sets_take_the_feature_path(monkeypatch):
 
 def test_global_features_take_the_feature_path_too():
     """(N, D) global features: cosine distance, one "part" on the feature path."""
-    from orgnn.query_expansion import cosine_distance
+    from orgnn.retrieval.query_expansion import cosine_distance
 
     q, g, _, _ = _world(13)
     qf, gf = q.reshape(len(q), -1), g.reshape(len(g), -1).astype(np.float32)
@@ -119,7 +125,7 @@ def test_global_features_take_the_feature_path_too():
 def test_rr_rows_and_cli_agree_across_paths(monkeypatch, tmp_path, capsys):
     from orgnn.cli import main
     from orgnn.datasets import synthetic_preset
-    from orgnn.features import save_split_dir
+    from orgnn.io.features import save_split_dir
 
     splits = synthetic_preset("tiny", seed=0)
     rows = ("baseline", "baseline_rr", "oan", "oan_rr", "vis_global", "vis_global_rr")

@@ -1,10 +1,10 @@
-"""Tests for orgnn.search against brute-force references written from the definitions."""
+"""Tests for orgnn.retrieval.search against brute-force references written from the definitions."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from orgnn.search import Neighbourhoods, search_neighbourhoods, search_parts_for
+from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods, search_parts_for
 
 M, D = 6, 16
 

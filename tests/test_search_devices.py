@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from orgnn.features import PartFeatureError, PartFeatures, load_part_features, save_part_features
-from orgnn.search import Neighbourhoods, search_neighbourhoods
-from orgnn.storage import iter_rows, load_part_features_mapped, map_npz_member
+from orgnn.io.features import (
+    PartFeatureError,
+    PartFeatures,
+    load_part_features,
+    load_part_features_mapped,
+    save_part_features,
+)
+from orgnn.io.storage import iter_rows, map_npz_member
+from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 M, D = 6, 16
 
@@ -193,7 +199,7 @@ def test_load_part_features_mapped(tmp_path):
 
 
 def test_load_split_dir_maps_large_uncompressed_files(tmp_path, monkeypatch):
-    import orgnn.features as F
+    import orgnn.io.features as F
 
     rng = np.random.default_rng(1)
     pf = PartFeatures(rng.random((40, M, D)).astype(np.float16),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from orgnn.datasets import PRESETS, SIDES, band_visibility, part_boxes, synthetic, synthetic_preset
-from orgnn.features import SPLITS, PartFeatures, load_split_dir, save_split_dir
+from orgnn.io.features import SPLITS, PartFeatures, load_split_dir, save_split_dir
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orgnn.datasets import synthetic_preset
-from orgnn.training import (
+from orgnn.reconstruction.training import (
     CheckpointError,
     TrainConfig,
     TrainingDivergedError,
@@ -141,8 +141,8 @@ def test_diverging_training_stops_with_a_clear_error(tiny):
 
 
 def test_classifier_starts_imprinted_or_random(tiny):
-    from orgnn.graphs import dense_neighbourhood_batch
-    from orgnn.training import train_neighbourhoods
+    from orgnn.reconstruction.graphs import dense_neighbourhood_batch
+    from orgnn.reconstruction.training import train_neighbourhoods
 
     train = tiny["train"]
     imprinted = train_orgnn(train, TrainConfig(epochs=0, outlier_scorer="none"),
@@ -182,7 +182,7 @@ def test_random_head_starts_near_chance_and_its_loss_falls(tiny):
 
 
 def test_batch_hard_triplet_by_a_loop():
-    from orgnn.training import batch_hard_triplet
+    from orgnn.reconstruction.training import batch_hard_triplet
 
     rng = np.random.default_rng(0)
     feats = torch.from_numpy(rng.normal(size=(6, 2, 3)).astype(np.float32))
@@ -207,8 +207,8 @@ def test_output_bn_returns_the_heads_normalised_feature(tiny):
     model = train_orgnn(train, TrainConfig(epochs=1, classifier_init="random",
                                            outlier_scorer="none", output_bn=True),
                         progress=False)
-    from orgnn.graphs import dense_neighbourhood_batch
-    from orgnn.training import train_neighbourhoods
+    from orgnn.reconstruction.graphs import dense_neighbourhood_batch
+    from orgnn.reconstruction.training import train_neighbourhoods
 
     nbrs = train_neighbourhoods(train, model.train_config)
     x, mask = dense_neighbourhood_batch(train.features[:5], train.features, nbrs.index[:5])

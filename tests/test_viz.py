@@ -12,8 +12,8 @@ PIL = pytest.importorskip("PIL.Image")
 from orgnn import viz  # noqa: E402
 from orgnn.cli import main  # noqa: E402
 from orgnn.datasets import band_visibility, synthetic_preset  # noqa: E402
-from orgnn.features import PartFeatures, save_split_dir  # noqa: E402
-from orgnn.training import SearchConfig, TrainConfig  # noqa: E402
+from orgnn.io.features import PartFeatures, save_split_dir  # noqa: E402
+from orgnn.reconstruction.training import SearchConfig, TrainConfig  # noqa: E402
 
 FAST = ["--epochs", "1", "--quiet"]
 

@@ -85,7 +85,7 @@ from typing import Any
 
 import numpy as np
 
-from orgnn.features import PartFeatures
+from orgnn.io.features import PartFeatures
 
 __all__ = [
     "SIDES",

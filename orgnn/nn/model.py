@@ -160,9 +160,9 @@ class ORGNN(torch.nn.Module):
     target's row, so :math:`\mathbf{W}` is applied to one row per graph instead of ``N``.
 
     A ``node_weight`` :math:`w_j` per node (for instance the learned probability that
-    neighbour :math:`j` shares the target's identity, :mod:`orgnn.outliers`) multiplies the
-    outlier confidence in every layer, :math:`c_j a_{ij} \to w_j c_j a_{ij}`, and weights
-    the neighbours' mean the target starts from. With ``outlier_aware=False`` it is ignored,
+    neighbour :math:`j` shares the target's identity, :mod:`orgnn.reconstruction.outliers`)
+    multiplies the outlier confidence in every layer, :math:`c_j a_{ij} \to w_j c_j a_{ij}`, and
+    weights the neighbours' mean the target starts from. With ``outlier_aware=False`` it is ignored,
     as Eq. 4 is (the ``oan_gnn`` row).
 
     Args:
@@ -180,7 +180,8 @@ class ORGNN(torch.nn.Module):
         act (str): ``"relu"`` (the paper's Eq. 5) or ``"none"``, for features with negative
             entries, which a ReLU would halve. (default: :obj:`"relu"`)
         scorer (NeighbourScorer, optional): the learned outlier scorer that goes with this
-            model (:mod:`orgnn.outliers`); kept here so that one checkpoint carries both.
+            model (:mod:`orgnn.reconstruction.outliers`); kept here so that one checkpoint carries
+            both.
         output_bn (bool): in eval mode, return the Eq. 7 head's batch-normalised feature
             :math:`\mathrm{BN}(\mathbf{x}^T)` (the BNNeck retrieval feature: the one the
             classifier was trained on) instead of :math:`\mathbf{x}^T`; needs
@@ -288,7 +289,7 @@ class ORGNN(torch.nn.Module):
             prior = node_weight if node_weight.dim() == 3 else node_weight.unsqueeze(1)
             prior = prior.transpose(0, 1).to(x.dtype).clamp_min(0)     # (M or 1, B, N)
         # (M, B, N, F); free when x is a transposed view of an (M, B, N, F) buffer, as the
-        # batches of orgnn.graphs are.
+        # batches of orgnn.reconstruction.graphs are.
         h = self.start_targets(x.transpose(0, 1), valid, target_visible, prior)
         for layer in self.layers[:-1]:
             h = layer.dense(h, valid, zero_padded=False, node_weight=prior)

@@ -1,5 +1,6 @@
 r"""The learned part of outlier removal: small MLPs that score "does neighbour :math:`j`
-share the target's identity?" from edge features (:mod:`orgnn.outliers` computes them).
+share the target's identity?" from edge features (:mod:`orgnn.reconstruction.outliers` computes
+them).
 
 Stage :math:`s` maps the standardised features :math:`\mathbf{e}_{tj}` (and, from stage 2
 on, what stage :math:`s-1` believed, :math:`\mathbf{c}^{(s-1)}_{tj}`) to

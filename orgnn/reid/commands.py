@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from orgnn.cli_args import float_range, input_dir, int_range, output_dir
+from orgnn.cli.args import float_range, input_dir, int_range, output_dir
 
 __all__ = ["register"]
 
@@ -212,7 +212,7 @@ def _extract(args) -> int:
 
     if args.oan and not args.mask_dir:
         raise ValueError("--oan needs --mask-dir (the masks from `orgnn masks`)")
-    from orgnn.io_atomic import replace_dir
+    from orgnn.io.atomic import replace_dir
 
     def build(folder) -> None:  # every split into a new folder, then one swap
         def log(message) -> None:

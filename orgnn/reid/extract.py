@@ -12,7 +12,7 @@ default) and a visibility per part:
 With ``occlude_prob > 0`` the images of ``occlude_splits`` are covered by a synthetic occluder
 (drawn from ``(seed, index)``, so reruns give the same set) and ``clean_features`` holds the
 features of the same images without it. Files are written atomically by
-:func:`orgnn.features.save_part_features`; ``paths`` are relative to the dataset folder.
+:func:`orgnn.io.features.save_part_features`; ``paths`` are relative to the dataset folder.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def extract_split(records, fen, dataset_root, oan=None, mask_dir=None, height: i
     """Part features of one split; returns ``(PartFeatures, skipped paths, images/s)``."""
     from tqdm import tqdm
 
-    from orgnn.features import PartFeatures
+    from orgnn.io.features import PartFeatures
     from orgnn.reid.data import ImageSet, collate
 
     if visibility not in VISIBILITY_CHOICES:
@@ -108,7 +108,7 @@ def extract(dataset: str, dataset_dir: str | os.PathLike, fen_checkpoint: str | 
             on_bad_image: str = "error", amp: bool = True, progress: bool = True,
             log=print) -> dict:
     """Write ``OUT/{split}.npz`` for each split of a dataset; returns a summary per split."""
-    from orgnn.features import save_part_features
+    from orgnn.io.features import save_part_features
     from orgnn.reid.datasets import build_dataset
     from orgnn.reid.engine import load_model, resolve_device
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from orgnn.cli import main
-from orgnn.features import load_part_features
+from orgnn.io.features import load_part_features
 from orgnn.reid import TrainConfig, build_dataset, extract, load_checkpoint, train
 from orgnn.reid.engine import CHECKPOINT_FORMAT
 

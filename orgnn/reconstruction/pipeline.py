@@ -20,19 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from orgnn import distributed, metrics, rerank
-from orgnn.calibration import calibrate_theta
-from orgnn.features import PartFeatures
-from orgnn.graphs import map_dense_batches
+from orgnn import distributed
+from orgnn.io.features import PartFeatures
 from orgnn.nn import ORGNN
-from orgnn.outliers import score_split
-from orgnn.query_expansion import (
+from orgnn.reconstruction.calibration import calibrate_theta
+from orgnn.reconstruction.graphs import map_dense_batches
+from orgnn.reconstruction.outliers import prior_weights, score_split
+from orgnn.reconstruction.training import SearchConfig, TrainConfig, train_orgnn_once
+from orgnn.retrieval import metrics, rerank
+from orgnn.retrieval.query_expansion import (
     average_query_expansion,
     cosine_distance,
     visible_global_feature,
 )
-from orgnn.search import Neighbourhoods, search_neighbourhoods
-from orgnn.training import SearchConfig, TrainConfig, prior_weights, train_orgnn_once
+from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 #: Every row of SPEC §6, in table order.
 ABLATION_ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn",
@@ -87,9 +88,11 @@ def rerank_distances(q_feats: np.ndarray, g_feats: np.ndarray, dist: np.ndarray,
                      max_dense_bytes: int | None = None) -> np.ndarray:
     """k-reciprocal re-ranking of ``dist`` ``(Q, G)``: the :func:`part_distance` of part
     features ``(N, M, D)``, or the cosine distance of global features ``(N, D)``
-    (:func:`orgnn.query_expansion.cosine_distance`, one "part"). :func:`orgnn.metrics.re_ranking`
-    on the dense matrices when they fit (:func:`orgnn.rerank.dense_fits`, ``max_dense_bytes``),
-    else :func:`orgnn.rerank.re_ranking_features`, which writes its result into ``dist``."""
+    (:func:`orgnn.retrieval.query_expansion.cosine_distance`, one "part").
+    :func:`orgnn.retrieval.metrics.re_ranking` on the dense matrices when they fit
+    (:func:`orgnn.retrieval.rerank.dense_fits`, ``max_dense_bytes``), else
+    :func:`orgnn.retrieval.rerank.re_ranking_features`, which writes its result into
+    ``dist``."""
     if rerank.dense_fits(len(q_feats), len(g_feats), max_dense_bytes):
         if np.ndim(q_feats) == 2:
             q_q, g_g = cosine_distance(q_feats, q_feats), cosine_distance(g_feats, g_feats)
@@ -118,7 +121,7 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
     ``target_visibility`` ``(N, M)`` is needed by models with ``target_init="visible"``;
     ``node_weight`` ``(N, 1 + K)`` by models with a learned scorer (:func:`outlier_weights`
     computes it; :func:`reconstruct_split` does all of it). ``out``: an ``(N, M, F)`` array
-    (e.g. a writable memory map, :func:`orgnn.storage.open_npy`) written batch by batch and
+    (e.g. a writable memory map, :func:`orgnn.io.storage.open_npy`) written batch by batch and
     returned, so the output is never held in memory (under ``torchrun`` the gathered
     result is copied into it)."""
     index = getattr(neighbourhoods, "index", neighbourhoods)
@@ -147,8 +150,8 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
 def outlier_weights(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
                     nbrs: Neighbourhoods, gallery_nbrs: Neighbourhoods) -> np.ndarray | None:
     """The OR-GNN's prior node weights ``(N, 1 + K)`` for ``target``'s neighbourhoods
-    ``nbrs`` in ``gallery``: the model's learned scorer (:mod:`orgnn.outliers`) run on them,
-    with ``gallery_nbrs`` the gallery's own neighbourhoods (they feed the overlap features;
+    ``nbrs`` in ``gallery``: the model's learned scorer (:mod:`orgnn.reconstruction.outliers`) run
+    on them, with ``gallery_nbrs`` the gallery's own neighbourhoods (they feed the overlap features;
     pass ``nbrs`` itself when the target is the gallery). ``None`` for a model without a
     scorer."""
     scorer = getattr(model, "scorer", None)
@@ -313,7 +316,7 @@ def search_split(target: PartFeatures, gallery: PartFeatures, cfg: SearchConfig,
     """Neighbourhoods of ``target`` in ``gallery`` (self excluded when they are one split);
     ``all_parts`` searches with every part (the "no OAN" setting). ``index_cache``: a dict
     the caller keeps to build each faiss index over ``gallery`` once for several searches
-    (see :func:`orgnn.search.search_neighbourhoods`)."""
+    (see :func:`orgnn.retrieval.search.search_neighbourhoods`)."""
     parts = np.ones(target.visible.shape, dtype=bool) if all_parts else None
 
     def search(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from orgnn.cli_args import (
+from orgnn.cli.args import (
     choices_list,
     input_dir,
     input_file,
     int_range,
     output_file,
 )
-from orgnn.commands import ROWS
+from orgnn.cli.commands import ROWS
 
 __all__ = ["register"]
 
@@ -107,7 +107,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    from orgnn.commands import _add_search_options, _add_train_options
+    from orgnn.cli.commands import _add_search_options, _add_train_options
 
     p.add_argument("--checkpoint", metavar="CKPT", type=input_file,
                    help="checkpoint from `orgnn train` (default: train on DIR/train.npz "
@@ -119,9 +119,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _splits(args: argparse.Namespace, need_train: bool) -> dict:
     """Load (or generate) the splits, then check the arguments that depend on them."""
-    from orgnn.commands import fit_to_data, visibility_warnings
+    from orgnn.cli.commands import fit_to_data, visibility_warnings
     from orgnn.datasets import synthetic_preset
-    from orgnn.features import load_split_dir
+    from orgnn.io.features import load_split_dir
 
     if args.synthetic:
         splits = synthetic_preset(args.synthetic, seed=args.seed)
@@ -148,7 +148,7 @@ def _needs_train(args: argparse.Namespace) -> bool:
 
 
 def _models(args: argparse.Namespace, splits: dict, keys=("orgnn",)) -> dict:
-    from orgnn.commands import _configs
+    from orgnn.cli.commands import _configs
     from orgnn.viz import prepare_model
 
     config = _configs(args).train
@@ -156,7 +156,7 @@ def _models(args: argparse.Namespace, splits: dict, keys=("orgnn",)) -> dict:
     out = {}
     for key in keys:
         if key == "orgnn" and args.checkpoint:
-            from orgnn.commands import check_checkpoint
+            from orgnn.cli.commands import check_checkpoint
 
             out[key] = prepare_model(checkpoint=args.checkpoint)
             where = f"{args.data}/query.npz" if args.data else \
@@ -180,7 +180,7 @@ def _images_root(args: argparse.Namespace) -> Path | None:
 
 
 def _rows(text: str) -> list[str]:
-    return text.split(",")  # checked while parsing (cli_args.choices_list)
+    return text.split(",")  # checked while parsing (cli.args.choices_list)
 
 
 def _helped_most(dists: dict, query, gallery, top: int, count: int = 3) -> list[int]:
@@ -204,8 +204,8 @@ def _helped_most(dists: dict, query, gallery, top: int, count: int = 3) -> list[
 
 def _figure(out: str, draw) -> dict:
     """Draw into a temporary sibling of ``out`` with ``draw(path)``, then rename it to
-    ``out`` (recorded in :data:`orgnn.io_atomic.committed`)."""
-    from orgnn.io_atomic import FileSet
+    ``out`` (recorded in :data:`orgnn.io.atomic.committed`)."""
+    from orgnn.io.atomic import FileSet
 
     with FileSet() as outputs:
         png = FileSet.temp_path(out, ".png")
@@ -220,7 +220,7 @@ def _figure(out: str, draw) -> dict:
 
 # --------------------------------------------------------------------------------------
 def _show_ranks(args: argparse.Namespace) -> int:
-    from orgnn.commands import _configs
+    from orgnn.cli.commands import _configs
     from orgnn.viz import plot_ranks, row_distances
 
     rows = _rows(args.rows)
@@ -244,12 +244,12 @@ def _show_ranks(args: argparse.Namespace) -> int:
 
 
 def _show_graph(args: argparse.Namespace) -> int:
-    from orgnn.commands import _configs
+    from orgnn.cli.commands import _configs
     from orgnn.viz import plot_graph
 
     splits = _splits(args, need_train=_needs_train(args))
     query, gallery = splits["query"], splits["gallery"]
-    from orgnn.pipeline import resolve_search
+    from orgnn.reconstruction.pipeline import resolve_search
 
     model = _models(args, splits)["orgnn"]
     search = resolve_search(_configs(args).search, model, splits.get("train"))
@@ -273,7 +273,7 @@ def _show_graph(args: argparse.Namespace) -> int:
 
 def _first_interesting(query, gallery, search) -> int:
     """The first occluded query whose neighbourhood holds a wrong identity (else 0)."""
-    from orgnn.pipeline import search_split
+    from orgnn.reconstruction.pipeline import search_split
 
     occluded = np.flatnonzero(~query.visible.all(1))
     candidates = occluded if occluded.size else np.arange(query.num_images)
@@ -287,8 +287,8 @@ def _first_interesting(query, gallery, search) -> int:
 
 
 def _plot_cmc(args: argparse.Namespace) -> int:
-    from orgnn.commands import _configs, counts_line, query_counts
-    from orgnn.io_atomic import FileSet, sha256_file
+    from orgnn.cli.commands import _configs, counts_line, query_counts
+    from orgnn.io.atomic import FileSet, sha256_file
     from orgnn.viz import ablation_cmc, plot_cmc
 
     if args.json and Path(args.json).resolve() == Path(args.out).resolve():
@@ -312,7 +312,7 @@ def _plot_cmc(args: argparse.Namespace) -> int:
         rows = _rows(args.rows)
         splits = _splits(args, need_train=_needs_train(args) or "oan_gnn" in rows)
         counts = query_counts(splits["query"], splits["gallery"])
-        from orgnn.commands import check_scored
+        from orgnn.cli.commands import check_scored
 
         check_scored(counts)
         keys = [k for k in ("orgnn", "oan_gnn") if k in rows or (

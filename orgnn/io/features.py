@@ -36,12 +36,15 @@ from typing import Any
 
 import numpy as np
 
+from orgnn.io import storage
+
 __all__ = [
     "VISIBLE_THRESHOLD",
     "SPLITS",
     "PartFeatureError",
     "PartFeatures",
     "load_part_features",
+    "load_part_features_mapped",
     "save_part_features",
     "load_split_dir",
     "save_split_dir",
@@ -165,13 +168,11 @@ def _check_features(arr: Any, key: str, source: str) -> np.ndarray:
 def _refuse_nonfinite(arr: np.ndarray, key: str, source: str) -> None:
     """:func:`_refuse_any` for NaN/inf, one row chunk at a time (a memory-mapped array of
     millions of images is read once, never copied whole)."""
-    from orgnn.storage import chunk_rows, release_rows
-
-    rows = chunk_rows(arr)
+    rows = storage.chunk_rows(arr)
     count, first = 0, None
     for start in range(0, arr.shape[0], rows):
         bad = ~np.isfinite(arr[start:start + rows])
-        release_rows(arr, start, start + rows)
+        storage.release_rows(arr, start, start + rows)
         found = int(np.count_nonzero(bad))
         if found and first is None:
             index = _first_index(bad)
@@ -327,6 +328,52 @@ def load_part_features(path: str | os.PathLike) -> PartFeatures:
     return _normalise(arrays, source)
 
 
+def load_part_features_mapped(path: str | os.PathLike) -> PartFeatures:
+    """:func:`load_part_features` with ``features`` (and ``clean_features``) memory-mapped
+    from the archive instead of read (:func:`orgnn.io.storage.map_npz_member`): the same
+    checks (SPEC §7), the finiteness one row chunk at a time, so a 30 GB gallery file costs a
+    few MiB of memory. The small arrays (visibility, labels, paths) are read as usual."""
+    path = _resolve_load_path(path)
+    source = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = set(archive.files)
+            small = {key: archive[key] for key in ("visibility", "pids", "camids", "paths")
+                     if key in names}
+        mapped = {key: storage.map_npz_member(path, key) for key in ("features", "clean_features")
+                  if key in names}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise PartFeatureError(source, "<file>", f"cannot be mapped: {err}") from None
+    for key in ("features", "visibility", "pids", "camids"):
+        if key not in {**small, **mapped}:
+            raise PartFeatureError(source, key, "missing key (required: features, "
+                                                "visibility, pids, camids)")
+    for key, arr in mapped.items():  # rank, dtype, finiteness (a row chunk at a time)
+        _check_features(arr, key, source)
+    # the small arrays (and the shapes) through the ordinary checks, on one row of features
+    probe = _normalise({**small, "features": np.asarray(mapped["features"][:1]),
+                        **{k: v[:1] for k, v in small.items()}}, source)
+    n = mapped["features"].shape[0]
+    for key, arr in {**small, **mapped}.items():
+        if arr.shape[0] != n:
+            raise PartFeatureError(source, key, f"N mismatch: {arr.shape[0]} rows but "
+                                                f"'features' has {n}")
+    full = {k: _check_labels(v, k, source) if k in ("pids", "camids") else v
+            for k, v in small.items()}
+    full["visibility"] = _check_visibility(full["visibility"], "visibility", source)
+    if "paths" in full:
+        full["paths"] = _check_paths(full["paths"], "paths", source)
+    clean = mapped.get("clean_features")
+    if clean is not None and clean.shape != mapped["features"].shape:
+        raise PartFeatureError(source, "clean_features", f"shape mismatch: {clean.shape} "
+                                                         f"but 'features' has "
+                                                         f"{mapped['features'].shape}")
+    if full["visibility"].shape[1] != probe.num_parts:
+        raise PartFeatureError(source, "visibility", "M mismatch with 'features'")
+    return PartFeatures(features=mapped["features"], clean_features=mapped.get(
+        "clean_features"), **full)
+
+
 def save_part_features(path: str | os.PathLike, pf: PartFeatures) -> None:
     """Validate ``pf`` and write it atomically to ``path`` (``.npz`` is appended if missing)."""
     path = _npz_path(path)
@@ -360,11 +407,9 @@ def load_split_dir(directory: str | os.PathLike, splits: Iterable[str] = SPLITS,
     """Load ``directory/{split}.npz`` for each split; M and D must agree across splits.
 
     ``mapped``: ``True`` memory-maps each split's ``features`` (and ``clean_features``) in
-    place instead of reading them (:func:`orgnn.storage.load_part_features_mapped`; the
+    place instead of reading them (:func:`load_part_features_mapped`; the
     archive must be uncompressed, as :func:`save_part_features` writes it); ``None`` does so
     for uncompressed archives of at least :data:`MAP_FILE_BYTES`; ``False`` reads them."""
-    from orgnn.storage import load_part_features_mapped
-
     directory = Path(directory)
     out: dict[str, PartFeatures] = {}
     sources: dict[str, str] = {}

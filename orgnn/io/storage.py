@@ -4,7 +4,7 @@ A gallery of :math:`10^7` images with 6 parts x 256 dimensions is 31 GB in float
 than the memory of most machines. Three helpers keep such arrays on disk:
 
 * :func:`map_npz_member` maps one array of an ``.npz`` archive read-only. ``np.load`` cannot
-  memory-map an ``.npz``, but ``np.savez`` (what :func:`orgnn.features.save_part_features`
+  memory-map an ``.npz``, but ``np.savez`` (what :func:`orgnn.io.features.save_part_features`
   uses) stores members *uncompressed*: the member's bytes are a plain ``.npy`` file at a fixed
   offset in the archive, so they can be mapped in place. Compressed members cannot; they are
   refused with a clear error (rewrite the archive with ``np.savez``).
@@ -14,10 +14,12 @@ than the memory of most machines. Three helpers keep such arrays on disk:
   the process.
 * :func:`take_rows` gathers scattered rows (neighbours, candidates, a training sample) from
   a map a few thousand at a time, without read-ahead, handing the pages back after each;
-* :func:`load_part_features_mapped` reads a part-feature file (:mod:`orgnn.features`) with
-  its ``features`` mapped in place and checked chunk by chunk;
 * :func:`open_npy` creates a ``.npy`` file of a given shape and maps it writable, for
   generating or writing large arrays chunk by chunk.
+
+Reading a whole part-feature file this way, with its checks, is
+:func:`orgnn.io.features.load_part_features_mapped`; this module knows nothing of the
+file format (it imports nothing of ours).
 
 The mapped pages live in the operating system's page cache: several processes (the ranks of a
 ``torchrun`` job) mapping one file share one copy.
@@ -32,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["map_npz_member", "load_part_features_mapped", "iter_rows", "take_rows",
-           "release_rows", "open_npy", "is_mapped"]
+__all__ = ["map_npz_member", "iter_rows", "take_rows", "release_rows", "open_npy",
+           "is_mapped"]
 
 #: Rows per chunk of :func:`iter_rows` when not given: about 64 MiB of float32 per chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -164,49 +166,15 @@ def iter_rows(x: np.ndarray, rows: int | None = None,
         yield start, chunk
 
 
-def load_part_features_mapped(path: str | os.PathLike):
-    """:func:`orgnn.features.load_part_features` with ``features`` (and ``clean_features``)
-    memory-mapped from the archive instead of read: the same checks (SPEC §7), the
-    finiteness one row chunk at a time, so a 30 GB gallery file costs a few MiB of memory.
-    The small arrays (visibility, labels, paths) are read as usual."""
-    from orgnn import features as F
+def __getattr__(name: str):
+    """``load_part_features_mapped`` lived here until the file format moved to one module;
+    a deprecated forward for one release (by name: this module imports nothing of ours)."""
+    if name == "load_part_features_mapped":
+        import importlib
+        import warnings
 
-    path = F._resolve_load_path(path)
-    source = str(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            names = set(archive.files)
-            small = {key: archive[key] for key in ("visibility", "pids", "camids", "paths")
-                     if key in names}
-        mapped = {key: map_npz_member(path, key) for key in ("features", "clean_features")
-                  if key in names}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise F.PartFeatureError(source, "<file>", f"cannot be mapped: {err}") from None
-    for key in ("features", "visibility", "pids", "camids"):
-        if key not in {**small, **mapped}:
-            raise F.PartFeatureError(source, key, "missing key (required: features, "
-                                                  "visibility, pids, camids)")
-    for key, arr in mapped.items():  # rank, dtype, finiteness (a row chunk at a time)
-        F._check_features(arr, key, source)
-    # the small arrays (and the shapes) through the ordinary checks, on one row of features
-    probe = F._normalise({**small, "features": np.asarray(mapped["features"][:1]),
-                          **{k: v[:1] for k, v in small.items()}}, source)
-    n = mapped["features"].shape[0]
-    for key, arr in {**small, **mapped}.items():
-        if arr.shape[0] != n:
-            raise F.PartFeatureError(source, key, f"N mismatch: {arr.shape[0]} rows but "
-                                                  f"'features' has {n}")
-    full = {k: F._check_labels(v, k, source) if k in ("pids", "camids") else v
-            for k, v in small.items()}
-    full["visibility"] = F._check_visibility(full["visibility"], "visibility", source)
-    if "paths" in full:
-        full["paths"] = F._check_paths(full["paths"], "paths", source)
-    clean = mapped.get("clean_features")
-    if clean is not None and clean.shape != mapped["features"].shape:
-        raise F.PartFeatureError(source, "clean_features", f"shape mismatch: {clean.shape} "
-                                                           f"but 'features' has "
-                                                           f"{mapped['features'].shape}")
-    if full["visibility"].shape[1] != probe.num_parts:
-        raise F.PartFeatureError(source, "visibility", "M mismatch with 'features'")
-    return F.PartFeatures(features=mapped["features"], clean_features=mapped.get(
-        "clean_features"), **full)
+        warnings.warn("orgnn.storage.load_part_features_mapped is deprecated: use "
+                      "orgnn.io.features.load_part_features_mapped", DeprecationWarning,
+                      stacklevel=2)
+        return importlib.import_module("orgnn.io.features").load_part_features_mapped
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

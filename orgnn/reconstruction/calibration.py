@@ -11,7 +11,8 @@ the :math:`q`-quantile of the search scores of the *right* neighbours (same iden
 the training images' own top-:math:`K` lists, so that only a fraction :math:`q` of right
 neighbours is cut, whatever the scale of the cosines. With the default :math:`q = 0.02` the
 threshold is permissive on purpose: telling right from wrong neighbours is the learned
-outlier scorer's job (:mod:`orgnn.outliers`), the threshold only drops the hopeless tail.
+outlier scorer's job (:mod:`orgnn.reconstruction.outliers`), the threshold only drops the hopeless
+tail.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import warnings
 
 import numpy as np
 
-from orgnn.features import PartFeatures
-from orgnn.search import search_neighbourhoods
+from orgnn.io.features import PartFeatures
+from orgnn.retrieval.search import search_neighbourhoods
 
 __all__ = ["calibrate_theta", "DEFAULT_QUANTILE"]
 

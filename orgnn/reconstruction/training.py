@@ -13,11 +13,11 @@ training images (``clean_features`` in the part-feature file).
 
 Before that, with ``outlier_scorer="learned"`` (the default), a
 :class:`~orgnn.nn.neighbour_scorer.NeighbourScorer` learns which training neighbours share
-their target's identity (:mod:`orgnn.outliers`); its probabilities become the OR-GNN's
-prior node weights, in training as at inference, and the scorer travels with the model
+their target's identity (:mod:`orgnn.reconstruction.outliers`); its probabilities become the
+OR-GNN's prior node weights, in training as at inference, and the scorer travels with the model
 (``model.scorer``). Training neighbourhoods are drawn as test ones are: the inference
-``K`` and a threshold calibrated on the training split (:mod:`orgnn.calibration`) unless
-``theta`` is given.
+``K`` and a threshold calibrated on the training split (:mod:`orgnn.reconstruction.calibration`)
+unless ``theta`` is given.
 
 Before the first step the classifier is imprinted (``classifier_init="imprint"``, the
 default): it starts as the nearest-class-mean classifier of the untrained network's outputs
@@ -39,14 +39,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from orgnn.calibration import DEFAULT_QUANTILE, calibrate_theta
-from orgnn.features import PartFeatures
-from orgnn.graphs import dense_neighbourhood_batch, map_dense_batches
-from orgnn.io_atomic import atomic_write
+from orgnn.io.atomic import atomic_write
+from orgnn.io.features import PartFeatures
 from orgnn.nn import ORGNN
 from orgnn.nn.neighbour_scorer import NeighbourScorer
-from orgnn.outliers import ScorerConfig, fit_scorer, score_split
-from orgnn.search import Neighbourhoods, search_neighbourhoods
+from orgnn.reconstruction.calibration import DEFAULT_QUANTILE, calibrate_theta
+from orgnn.reconstruction.graphs import dense_neighbourhood_batch, map_dense_batches
+from orgnn.reconstruction.outliers import ScorerConfig, fit_scorer, prior_weights, score_split
+from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 CHECKPOINT_FORMAT = "orgnn-checkpoint-v1"
 #: How the Eq. 7 classifier starts: the class means of the untrained outputs, or random.
@@ -73,7 +73,7 @@ class SearchConfig:
     mode: str = "visible-mean"
     upper_body_parts: tuple[int, ...] | None = (0, 1)
     index: str = "flat"
-    nprobe: int | None = None                 # None: orgnn.search.resolve_nprobe (measured)
+    nprobe: int | None = None                 # None: search.resolve_nprobe (measured)
     device: str | None = None                 # None: faiss on the CPU; else torch search there
 
 
@@ -131,14 +131,6 @@ def train_neighbourhoods(train: PartFeatures, config: TrainConfig) -> Neighbourh
     return search_neighbourhoods(
         train.features, train.visible, train.features, k=config.k, theta=config.theta,
         mode=config.mode, exclude=np.arange(train.num_images))
-
-
-def prior_weights(prob: np.ndarray, gamma: float, target_weight: float = 1.0) -> np.ndarray:
-    r"""``(N, 1 + K)`` OR-GNN node weights from same-identity probabilities ``(N, K)``: the
-    target's own weight first, then :math:`p^\gamma` per neighbour (0 where padded)."""
-    prob = np.asarray(prob, dtype=np.float32)
-    return np.concatenate([np.full((prob.shape[0], 1), target_weight, np.float32),
-                           np.clip(prob, 0, 1) ** gamma], axis=1)
 
 
 def pk_batches(labels: np.ndarray, ids_per_batch: int, sets_per_id: int,

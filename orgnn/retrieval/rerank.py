@@ -1,9 +1,9 @@
 r"""k-reciprocal re-ranking from part features, without query-query or gallery-gallery matrices.
 
-:func:`orgnn.metrics.re_ranking` takes the dense ``(Q, G)``, ``(Q, Q)`` and ``(G, G)`` distance
-matrices; at MSMT17's test size (11,659 queries, 82,161 gallery images) the gallery-gallery one
-alone is 27 GB. The algorithm only ever reads, for every sample :math:`i` of the joint set
-(:math:`N = Q + G`), the column :math:`D_{\cdot i}` of the joint distance matrix through
+:func:`orgnn.retrieval.metrics.re_ranking` takes the dense ``(Q, G)``, ``(Q, Q)`` and ``(G, G)``
+distance matrices; at MSMT17's test size (11,659 queries, 82,161 gallery images) the
+gallery-gallery one alone is 27 GB. The algorithm only ever reads, for every sample :math:`i`
+of the joint set (:math:`N = Q + G`), the column :math:`D_{\cdot i}` of the joint distance matrix through
 
 * its ``max(k1 + 1, k2)`` nearest samples and its largest entry (the normaliser of
   :math:`O_{ij} = D_{ji}^2 / \max_a D_{ai}^2`),
@@ -13,10 +13,10 @@ alone is 27 GB. The algorithm only ever reads, for every sample :math:`i` of the
 :func:`re_ranking_features` gets the first from a search over the features (exact: chunked
 matrix products; or a faiss IVF index with the candidates scored exactly), the second from one
 dot product per pair, and runs the rest of the original algorithm on sparse sets
-(:func:`orgnn.metrics._expanded_v`); only the ``(Q, G)`` result is dense. With the exact search
-it equals :func:`orgnn.metrics.re_ranking` on the matrices of
-:func:`orgnn.pipeline.part_distance` up to float rounding (wherever no two distances of a
-sample tie at a list boundary).
+(:func:`orgnn.retrieval.metrics._expanded_v`); only the ``(Q, G)`` result is dense. With the
+exact search it equals :func:`orgnn.retrieval.metrics.re_ranking` on the matrices of
+:func:`orgnn.reconstruction.pipeline.part_distance` up to float rounding (wherever no two
+distances of a sample tie at a list boundary).
 
 The distance is the pipeline's (SPEC §5), :math:`d(a, b) = 1 - \sum_k w_k(a) \cos(x_k(a),
 x_k(b))` with :math:`w(a) = 1/M` or, for the "+OAN" rows, :math:`a`'s visible parts
@@ -41,8 +41,8 @@ import faiss
 import numpy as np
 import torch
 
-from orgnn import metrics
-from orgnn.search import MIN_POINTS_PER_LIST, TRAIN_POINTS_PER_LIST, resolve_nprobe
+from orgnn.retrieval import metrics
+from orgnn.retrieval.search import MIN_POINTS_PER_LIST, TRAIN_POINTS_PER_LIST, resolve_nprobe
 
 __all__ = ["re_ranking_features", "dense_re_ranking_bytes", "dense_fits",
            "DENSE_RERANK_MAX_BYTES"]
@@ -64,9 +64,10 @@ def dense_re_ranking_bytes(num_query: int, num_gallery: int) -> int:
 
 
 def dense_fits(num_query: int, num_gallery: int, max_bytes: int | None = None) -> bool:
-    """Whether :func:`orgnn.metrics.re_ranking` fits: its :func:`dense_re_ranking_bytes` at
-    most ``max_bytes``, by default :data:`DENSE_RERANK_MAX_BYTES` or half the memory the
-    system reports available (``MemAvailable``), whichever is smaller."""
+    """Whether :func:`orgnn.retrieval.metrics.re_ranking` fits: its
+    :func:`dense_re_ranking_bytes` at most ``max_bytes``, by default
+    :data:`DENSE_RERANK_MAX_BYTES` or half the memory the system reports available
+    (``MemAvailable``), whichever is smaller."""
     if max_bytes is None:
         max_bytes = DENSE_RERANK_MAX_BYTES
         available = _available_memory()
@@ -183,7 +184,8 @@ def _dot_rows_torch(a: torch.Tensor, ia: np.ndarray, b: torch.Tensor,
 def _flat_lists(cols: _Columns, width: int, block_rows: int,
                 row_max: np.ndarray) -> np.ndarray:
     """Exact neighbour lists (stable argsort of :math:`O`'s rows) and ``row_max``, in blocks of
-    columns of the joint matrix, as :func:`orgnn.metrics.re_ranking` does on the dense one."""
+    columns of the joint matrix, as :func:`orgnn.retrieval.metrics.re_ranking` does on the
+    dense one."""
     knn = np.empty((cols.n, width), dtype=np.int64)
     for lo, hi in ((0, cols.num_q), (cols.num_q, cols.n)):
         for start in range(lo, hi, block_rows):
@@ -286,8 +288,8 @@ def re_ranking_features(
     block_rows: int = 256,
 ) -> np.ndarray:
     r"""k-reciprocal re-ranking (Zhong et al., CVPR 2017) of the pipeline's part distance,
-    from the features: :func:`orgnn.metrics.re_ranking` without its ``(Q, Q)`` and ``(G, G)``
-    inputs.
+    from the features: :func:`orgnn.retrieval.metrics.re_ranking` without its ``(Q, Q)`` and
+    ``(G, G)`` inputs.
 
     With :math:`O_{ij} = D_{ji}^2 / \max_a D_{ai}^2` over the joint set, the neighbour lists
     :math:`N(i, k)`, the sets :math:`R^*(i)`, the weights :math:`\tilde V` and
@@ -295,8 +297,8 @@ def re_ranking_features(
     .. math::
         d^*(q, g) = (1 - \lambda)\, d_J(q, g) + \lambda\, O_{qg}
 
-    are those of :func:`orgnn.metrics.re_ranking` (see there); here :math:`N(i, k)` and the
-    normaliser come from a search (module docs), :math:`O` on the sparse sets from one dot
+    are those of :func:`orgnn.retrieval.metrics.re_ranking` (see there); here :math:`N(i, k)`
+    and the normaliser come from a search (module docs), :math:`O` on the sparse sets from one dot
     product per pair. Memory: the float32 features (twice with part weights), ``O(N (k_1 +
     k_2))`` sparse entries, blocks of ``block_rows x N`` and the ``(Q, G)`` output.
 
@@ -304,20 +306,21 @@ def re_ranking_features(
         query: query part features, shape ``(Q, M, D)`` (any float dtype; memory maps stream).
         gallery: gallery part features, shape ``(G, M, D)``.
         query_parts: ``(Q, M)`` bool, the parts each query's distances average over (the
-            "+OAN" rows; :func:`orgnn.pipeline.oan_parts`), or ``None`` for all parts.
+            "+OAN" rows; :func:`orgnn.reconstruction.pipeline.oan_parts`), or ``None`` for all
+            parts.
         gallery_parts: ``(G, M)`` bool, the same for the gallery; given with ``query_parts``.
         k1: size of the k-reciprocal neighbourhood (default ``20``).
         k2: size of the local query expansion (default ``6``).
         lambda_value: weight of the original distance (default ``0.3``).
         q_g_dist: the ``(Q, G)`` distances already computed (e.g. by
-            :func:`orgnn.pipeline.part_distance`); the original-distance term is read from
-            them instead of being recomputed (default ``None``).
+            :func:`orgnn.reconstruction.pipeline.part_distance`); the original-distance term
+            is read from them instead of being recomputed (default ``None``).
         out: a float32 ``(Q, G)`` array to write the result into (may be ``q_g_dist``
             itself: each block is read before it is overwritten; or a memory map).
         index: ``"flat"`` (exact chunked matrix products, default) or ``"ivf"`` (faiss
             ``IndexIVFFlat``; candidates scored exactly, lists approximate).
         nlist: IVF lists (default ``sqrt`` of the indexed items).
-        nprobe: IVF lists visited (default :func:`orgnn.search.resolve_nprobe`).
+        nprobe: IVF lists visited (default :func:`orgnn.retrieval.search.resolve_nprobe`).
         device: torch device of the exact search (default CPU).
         block_rows: samples per block of the exact search (default ``256``).
 

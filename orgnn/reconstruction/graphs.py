@@ -25,8 +25,8 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from tqdm.auto import tqdm
 
-from orgnn.features import VISIBLE_THRESHOLD
-from orgnn.storage import take_rows
+from orgnn.io.features import VISIBLE_THRESHOLD
+from orgnn.io.storage import take_rows
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:

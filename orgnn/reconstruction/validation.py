@@ -21,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from orgnn.features import PartFeatures
+from orgnn.io.features import PartFeatures
 
 __all__ = ["validation_split"]
 

@@ -6,7 +6,7 @@ Each command group lives next to the code it drives and registers itself here th
 Exit status: 0 done; 2 refused (``orgnn: error: ...``; bad arguments are refused while
 parsing, before any data is read or output touched); 1 out of memory; 130 interrupted by
 ``SIGINT`` (143 ``SIGTERM``), with a line saying which outputs, if any, were written (each
-complete: see :mod:`orgnn.io_atomic`).
+complete: see :mod:`orgnn.io.atomic`).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _command_modules() -> list:
     modules = []
     import importlib
 
-    for name in ("orgnn.commands", "orgnn.reid.commands", "orgnn.viz_commands"):
+    for name in ("orgnn.cli.commands", "orgnn.reid.commands", "orgnn.cli.figures"):
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as err:  # a command group not written yet
@@ -64,7 +64,7 @@ def _command_modules() -> list:
 
 
 def _interrupted_message(signum: int | None = None, ended: bool = False) -> str:
-    from orgnn.io_atomic import committed
+    from orgnn.io.atomic import committed
 
     what = "interrupted" if signum in (None, signal.SIGINT) else \
         f"stopped by {signal.Signals(signum).name}"
@@ -82,7 +82,7 @@ _ERRORS: tuple[type[BaseException], ...] = (CommandError, FileNotFoundError, Val
 
 def _main(argv: Sequence[str]) -> int:
     quiet_third_party_warnings()
-    from orgnn import io_atomic
+    from orgnn.io import atomic as io_atomic
 
     io_atomic.committed.clear()
     parser = build_parser()

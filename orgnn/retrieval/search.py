@@ -65,7 +65,7 @@ import faiss
 import numpy as np
 import torch
 
-from orgnn.storage import chunk_rows, iter_rows, release_rows, take_rows
+from orgnn.io.storage import chunk_rows, iter_rows, release_rows, take_rows
 
 __all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods", "resolve_nprobe"]
 
@@ -233,7 +233,7 @@ def search_neighbourhoods(
         query: ``(Q, M, D)`` float32/float16 part features.
         query_visible: ``(Q, M)`` visibility (bool, or numbers where ``>= 0.5`` is visible).
         gallery: ``(G, M, D)`` float32/float16 part features; may be a memory map
-            (:func:`orgnn.storage.map_npz_member`), read in row chunks.
+            (:func:`orgnn.io.storage.map_npz_member`), read in row chunks.
         k: neighbourhood size ``K`` (per part list in intersection mode).
         theta: similarity threshold in ``[-1, 1]``.
         mode: ``"visible-mean"`` or ``"intersection"``.

@@ -1,10 +1,10 @@
 """The graph-side commands: ``demo``, ``ablation``, ``train``, ``reconstruct``, ``evaluate``.
 
 Each handler parses nothing itself: it turns the parsed arguments into library calls and
-prints what they return. Arguments are range-checked while parsing (:mod:`orgnn.cli_args`);
+prints what they return. Arguments are range-checked while parsing (:mod:`orgnn.cli.args`);
 what depends on the data (``--k`` against the gallery size, a checkpoint against the
 features' parts and dimension) is checked right after loading, before any search, training
-or output. Outputs are written atomically, several files as one set (:mod:`orgnn.io_atomic`).
+or output. Outputs are written atomically, several files as one set (:mod:`orgnn.io.atomic`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from orgnn.cli_args import (
+from orgnn.cli.args import (
     choices_list,
     float_range,
     input_dir,
@@ -29,7 +29,7 @@ from orgnn.cli_args import (
     output_dir,
     output_file,
 )
-from orgnn.io_atomic import write_json_atomic
+from orgnn.io.atomic import write_json_atomic
 
 __all__ = ["register", "write_json_atomic"]
 
@@ -37,7 +37,7 @@ __all__ = ["register", "write_json_atomic"]
 #: of cuhk03-parts' training identities (docs/results.md); the paper trains 120.
 DEFAULT_EPOCHS = 0
 #: Rows of SPEC §6 (a copy, so that ``--help`` does not import torch; a test keeps it equal
-#: to :data:`orgnn.pipeline.ABLATION_ROWS`).
+#: to :data:`orgnn.reconstruction.pipeline.ABLATION_ROWS`).
 ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn", "baseline_rr", "oan_rr",
         "orgnn_rr", "upper_bound", "vis_global", "vis_global_rr", "aqe", "aqe_rr")
 #: Memory one batch of reconstructed graphs may take (bytes); the batch size follows ``--k``.
@@ -215,8 +215,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _configs(args: argparse.Namespace):
-    from orgnn.pipeline import AblationConfig
-    from orgnn.training import SearchConfig, TrainConfig
+    from orgnn.reconstruction.pipeline import AblationConfig
+    from orgnn.reconstruction.training import SearchConfig, TrainConfig
 
     defaults = SearchConfig()
     search = SearchConfig(k=getattr(args, "k", defaults.k),
@@ -283,7 +283,7 @@ def visibility_warnings(splits: dict, where: str = "", oan: bool = False) -> Non
 
 def query_counts(query, gallery) -> dict[str, int]:
     """How many queries the Market-1501 protocol scores (SPEC §5) and how many it skips."""
-    from orgnn.metrics import valid_queries
+    from orgnn.retrieval.metrics import valid_queries
 
     scored = int(valid_queries(query.pids, gallery.pids, query.camids, gallery.camids).sum())
     return {"total": len(query), "scored": scored, "skipped": len(query) - scored}
@@ -330,7 +330,7 @@ def _data_prefix(data: str) -> str:
 # --------------------------------------------------------------------------------------
 def _run(splits, args: argparse.Namespace, title: str, where: str = "") -> int:
     from orgnn import distributed
-    from orgnn.pipeline import ABLATION_ROWS, format_table, run_ablation
+    from orgnn.reconstruction.pipeline import ABLATION_ROWS, format_table, run_ablation
 
     rows = ABLATION_ROWS if not args.rows else tuple(args.rows.split(","))
     group = distributed.setup(getattr(args, "device", None))
@@ -369,12 +369,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ablation(args: argparse.Namespace) -> int:
-    from orgnn.features import load_split_dir
+    from orgnn.io.features import load_split_dir
 
     splits = load_split_dir(args.data)
     title = f"ablation on {args.data} (percent)"
     if args.validation_split is not None:
-        from orgnn.validation import validation_split
+        from orgnn.reconstruction.validation import validation_split
 
         splits = validation_split(splits["train"], args.validation_split, args.seed)
         title = (f"ablation on a validation split of {args.data}/train.npz ("
@@ -384,12 +384,12 @@ def _ablation(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from orgnn.features import load_split_dir
-    from orgnn.training import save_checkpoint, train_orgnn
+    from orgnn.io.features import load_split_dir
+    from orgnn.reconstruction.training import save_checkpoint, train_orgnn
 
     splits = load_split_dir(args.data, splits=("train",))
     if args.validation_split is not None:
-        from orgnn.validation import validation_split
+        from orgnn.reconstruction.validation import validation_split
 
         held = validation_split(splits["train"], args.validation_split, args.seed)
         splits = {"train": held["train"]}
@@ -406,11 +406,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from orgnn import distributed, pipeline
-    from orgnn.features import PartFeatures, load_split_dir, save_split_dir
-    from orgnn.io_atomic import pause_for_tests, replace_dir
-    from orgnn.storage import is_mapped, open_npy
-    from orgnn.training import SearchConfig, load_checkpoint
+    from orgnn import distributed
+    from orgnn.io.atomic import pause_for_tests, replace_dir
+    from orgnn.io.features import PartFeatures, load_split_dir, save_split_dir
+    from orgnn.io.storage import is_mapped, open_npy
+    from orgnn.reconstruction import pipeline
+    from orgnn.reconstruction.training import SearchConfig, load_checkpoint
 
     if Path(args.out).resolve() == Path(args.data).resolve():
         raise ValueError(f"--out {args.out} is the --data folder: its query.npz and "
@@ -483,9 +484,14 @@ def _scratch_dir(out: str) -> Iterator[Path | None]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from orgnn import metrics
-    from orgnn.features import load_split_dir
-    from orgnn.pipeline import METRIC_KEYS, oan_parts, part_distance, rerank_distances
+    from orgnn.io.features import load_split_dir
+    from orgnn.reconstruction.pipeline import (
+        METRIC_KEYS,
+        oan_parts,
+        part_distance,
+        rerank_distances,
+    )
+    from orgnn.retrieval import metrics
 
     splits = load_split_dir(args.data, splits=("query", "gallery"))
     q, g = splits["query"], splits["gallery"]
@@ -502,7 +508,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     counts = query_counts(q, g)
     check_scored(counts)
     if args.distance == "visible-global":
-        from orgnn.query_expansion import (
+        from orgnn.retrieval.query_expansion import (
             average_query_expansion,
             cosine_distance,
             visible_global_feature,

@@ -42,17 +42,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from orgnn.features import PartFeatures
+from orgnn.io.features import PartFeatures
+from orgnn.io.storage import iter_rows
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
-from orgnn.search import Neighbourhoods
-from orgnn.search import _normalise as _unit  # L2 per part; zero vectors stay zero
-from orgnn.storage import iter_rows
+from orgnn.retrieval.search import Neighbourhoods
+from orgnn.retrieval.search import _normalise as _unit  # L2 per part; zero vectors stay zero
 
 #: Items per exact search call of :func:`kth_neighbour_similarity`.
 KTH_SEARCH_BATCH = 65536
 
 __all__ = ["ScorerConfig", "edge_features", "context_features",
-           "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction"]
+           "kth_neighbour_similarity", "fit_scorer", "score_split", "weighted_reconstruction",
+           "prior_weights"]
 
 @dataclass
 class ScorerConfig:
@@ -380,3 +381,11 @@ def fit_scorer(train: PartFeatures, nbrs: Neighbourhoods, config: ScorerConfig |
 
 def scorer_config_dict(config: ScorerConfig) -> dict[str, Any]:
     return asdict(config)
+
+
+def prior_weights(prob: np.ndarray, gamma: float, target_weight: float = 1.0) -> np.ndarray:
+    r"""``(N, 1 + K)`` OR-GNN node weights from same-identity probabilities ``(N, K)``: the
+    target's own weight first, then :math:`p^\gamma` per neighbour (0 where padded)."""
+    prob = np.asarray(prob, dtype=np.float32)
+    return np.concatenate([np.full((prob.shape[0], 1), target_weight, np.float32),
+                           np.clip(prob, 0, 1) ** gamma], axis=1)
