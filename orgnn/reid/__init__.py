@@ -4,7 +4,8 @@ training and part-feature extraction. The only part of ``orgnn`` that imports to
 Layout (torchreid's split): :mod:`~orgnn.reid.datasets` (layouts), :mod:`~orgnn.reid.data`
 (loading, transforms), :mod:`~orgnn.reid.samplers` (PK), :mod:`~orgnn.reid.models` (FEN, OAN),
 :mod:`~orgnn.reid.losses` (Eq. 1, Eq. 2), :mod:`~orgnn.reid.masks` (Mask R-CNN, part labels,
-synthetic occlusion), :mod:`~orgnn.reid.engine` (training), :mod:`~orgnn.reid.extract`
+synthetic occlusion), :mod:`~orgnn.reid.mask_checks` (a mask folder checked before training),
+:mod:`~orgnn.reid.engine` (training), :mod:`~orgnn.reid.extract`
 (part-feature files), :mod:`~orgnn.reid.commands` (CLI).
 """
 from orgnn.reid.data import ImageSet, collate

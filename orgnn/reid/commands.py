@@ -7,6 +7,8 @@ what they drive.
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
 from orgnn.cli.args import float_range, input_dir, int_range, output_dir
 
@@ -62,6 +64,9 @@ def _add_train(p: argparse.ArgumentParser, task: str) -> None:
                        help="images per batch (default 32)")
         p.add_argument("--tau", type=_PROB, default=0.5,
                        help="part label threshold on mask row coverage (default 0.5)")
+        p.add_argument("--allow-bad-masks", action="store_true",
+                       help="train even on masks that cannot teach OAN anything (mostly empty, "
+                            "or a part almost never visible); they are refused by default")
     p.add_argument("--occlude-prob", type=_PROB, default=None,
                    help="synthetic-occlusion probability (default: 0.5 OAN, 0 FEN)")
     p.add_argument("--height", type=int_range(1), default=384,
@@ -110,7 +115,8 @@ def register(subparsers) -> None:
     src.add_argument("--pretrained", action="store_true",
                      help="torchvision's COCO weights (downloads; needs internet)")
     src.add_argument("--random-weights", action="store_true",
-                     help="untrained model: tests the plumbing only, finds no one")
+                     help="untrained model: tests the plumbing only, finds no one (every "
+                          "mask is empty and meaningless)")
     p.add_argument("--batch-size", type=int_range(1), default=4,
                    help="images per batch (default 4)")
     p.add_argument("--score-thresh", type=_PROB, default=0.5,
@@ -124,12 +130,15 @@ def register(subparsers) -> None:
     _add_train(subparsers.add_parser(
         "train-fen", help="train the feature extraction network (Eq. 1)",
         description="Train FEN: PK batches, ID cross-entropy + batch-hard triplet per part. "
-                    "Single GPU by default; multi-GPU with `torchrun --nproc_per_node=N`."),
+                    "Single GPU by default; multi-GPU with `torchrun --nproc-per-node N "
+                    "--no-python orgnn train-fen ...`."),
         "fen")
     _add_train(subparsers.add_parser(
         "train-oan", help="train the occlusion-aware network on person masks (Eq. 2)",
         description="Train OAN on person masks (with synthetic occlusions) against part "
-                    "labels from the mask rule; BCE per part."), "oan")
+                    "labels from the mask rule; BCE per part. The mask folder is checked "
+                    "first: missing masks and masks that cannot teach anything (mostly "
+                    "empty, a part never visible) are refused."), "oan")
 
     p = subparsers.add_parser(
         "extract", help="images (+ masks) -> part-feature files (train/query/gallery .npz)",
@@ -168,14 +177,52 @@ def register(subparsers) -> None:
     p.set_defaults(func=_extract)
 
 
+def _warn(message: str) -> None:
+    print(f"orgnn: warning: {message}", file=sys.stderr)
+
+
+def _one_line_bad_image(run: Callable[[], int]) -> int:
+    """Run a command; an unreadable image (from the main process or a DataLoader worker)
+    becomes one line that names the file and the way around it."""
+    from orgnn.reid.io import BadImageError
+
+    try:
+        return run()
+    except BadImageError as err:
+        raise ValueError(f"{err} (--on-bad-image skip leaves unreadable images out and "
+                         f"reports each)") from None
+
+
+def _compact_committed(start: int, many: str | None = None) -> None:
+    """Keep :data:`orgnn.io.atomic.committed` (what an interrupted command reports as
+    written) short: each path once, and the masks of ``orgnn masks`` as one entry."""
+    from orgnn.io.atomic import committed
+
+    new = list(dict.fromkeys(committed[start:]))
+    if many is not None and len(new) > 1:
+        new = [f"{len(new)} {many}"]
+    committed[start:] = new
+
+
 def _masks(args) -> int:
+    from orgnn.io.atomic import committed
     from orgnn.reid.engine import resolve_device
     from orgnn.reid.masks import build_mask_rcnn, write_masks
 
+    if args.random_weights:
+        _warn("--random-weights: an untrained Mask R-CNN finds no one, so every mask written "
+              "is empty and meaningless (a plumbing test; `orgnn train-oan` refuses such "
+              "masks). Without weights, `orgnn extract --visibility ones|occluder` needs no "
+              "masks")
     model = build_mask_rcnn(args.weights, args.pretrained, args.random_weights,
                             args.min_size, args.max_size, args.score_thresh)
-    summary = write_masks(args.dataset_dir, args.out, model, resolve_device(args.device),
-                          args.batch_size, args.score_thresh, args.on_bad_image, args.progress)
+    start = len(committed)
+    try:
+        summary = _one_line_bad_image(lambda: write_masks(
+            args.dataset_dir, args.out, model, resolve_device(args.device), args.batch_size,
+            args.score_thresh, args.on_bad_image, args.progress))
+    finally:
+        _compact_committed(start, f"mask PNGs under {args.out}")
     print(f"masks -> {args.out}: {summary}")
     return 0
 
@@ -187,9 +234,15 @@ def _train(args, task: str) -> int:
             "weight_decay", "P", "K", "batch_size", "height", "width", "flip_prob",
             "erasing_prob", "occlude_prob", "tau", "margin", "label_smoothing", "arch", "pool",
             "backbone_weights", "pretrained", "seed", "workers", "device", "amp", "resume",
-            "max_steps", "checkpoint_every", "on_bad_image", "progress")
+            "max_steps", "checkpoint_every", "on_bad_image", "allow_bad_masks", "progress")
     cfg = TrainConfig(task=task, **{k: getattr(args, k) for k in keys if hasattr(args, k)})
-    result = train(cfg)
+    from orgnn.io.atomic import committed
+
+    start = len(committed)
+    try:
+        result = _one_line_bad_image(lambda: train(cfg, warn=_warn))
+    finally:
+        _compact_committed(start)  # last.pt once, not once per epoch
     if result["rank"] != 0:  # torchrun: rank 0 reports
         return 0
     skipped = len(result["skipped"])
@@ -223,6 +276,6 @@ def _extract(args) -> int:
                 args.height, args.width, args.batch_size, args.device, args.workers,
                 args.seed, args.on_bad_image, args.amp, args.progress, log=log)
 
-    replace_dir(args.out, build)
+    _one_line_bad_image(lambda: replace_dir(args.out, build))
     print(f"wrote {args.out} (one set)")
     return 0

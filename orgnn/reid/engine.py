@@ -16,12 +16,17 @@ default; the paper does not say).
   process group, wraps the model in DistributedDataParallel and gives each rank its own share of
   the PK batches; only rank 0 prints and writes. No code change or flag is needed.
 * AMP (float16 autocast + GradScaler) on CUDA unless ``amp=False``; CPU runs in float32.
+* Masks are checked before the model is built (:mod:`orgnn.reid.mask_checks`): a missing,
+  foreign or partial ``mask_dir`` is refused; for OAN, a sample of the masks is read and
+  training is refused when they cannot teach anything (mostly empty, or a part almost never
+  visible) unless ``allow_bad_masks=True``, and warned about when they look doubtful.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +78,7 @@ class TrainConfig:
     max_steps: int | None = None
     checkpoint_every: int = 1
     on_bad_image: str = "error"
+    allow_bad_masks: bool = False  # OAN: train even on masks that mask_checks refuses
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -165,8 +171,38 @@ def _lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Train FEN or OAN as configured; returns a summary (losses, steps, images/s, paths)."""
+def _python_warning(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _check_masks(cfg: TrainConfig, records, root, workers: int, say, warn) -> None:
+    """Refuse (or warn about) ``cfg.mask_dir`` before anything is built or trained."""
+    from orgnn.reid.mask_checks import check_mask_folder, mask_statistics
+
+    missing = check_mask_folder(records, root, cfg.mask_dir, cfg.on_bad_image)
+    if missing:
+        warn(f"{len(missing)} of the {len(records)} training images have no mask in "
+             f"{cfg.mask_dir} (first: {missing[0]}); they are left out (--on-bad-image skip)")
+    if cfg.task != "oan":  # FEN uses masks only to shape its synthetic occluders
+        return
+    stats = mask_statistics(records, root, cfg.mask_dir, cfg.height, cfg.width, cfg.tau,
+                            workers=workers, on_bad_image=cfg.on_bad_image)
+    say(f"masks in {cfg.mask_dir}: {stats}")
+    problem, refuse = stats.verdict()
+    if problem and refuse and not cfg.allow_bad_masks:
+        raise ValueError(f"masks in {cfg.mask_dir}: {problem}. Make masks with real Mask R-CNN "
+                         f"weights (`orgnn masks --weights PATH`), or pass --allow-bad-masks to "
+                         f"train on them anyway")
+    if problem:
+        warn(f"masks in {cfg.mask_dir}: {problem}")
+
+
+def train(cfg: TrainConfig, log=print, warn=None) -> dict:
+    """Train FEN or OAN as configured; returns a summary (losses, steps, images/s, paths).
+
+    ``log`` gets progress lines, ``warn`` doubts about the input (default
+    :func:`warnings.warn`); both only on rank 0.
+    """
     from tqdm import tqdm
 
     from orgnn.reid.data import ImageSet, collate
@@ -177,6 +213,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     rank, world, device = _setup_distributed(cfg.device)
     main = rank == 0
     say = log if main else (lambda *a, **k: None)
+    caution = (warn or _python_warning) if main else (lambda *a, **k: None)
     out = Path(cfg.out)
     ckpt_path = out / "last.pt"
 
@@ -199,6 +236,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     elif ckpt_path.exists():
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run, or choose "
                          f"another --out")
+    if cfg.mask_dir is not None:
+        _check_masks(cfg, records, dataset.root, cfg.workers, say, caution)
 
     model_args = dict(num_classes=len(pids), dim=cfg.dim, pool=cfg.pool, arch=cfg.arch)
     if ckpt is not None and cfg.task == "fen" and \

@@ -113,12 +113,20 @@ def extract(dataset: str, dataset_dir: str | os.PathLike, fen_checkpoint: str | 
     from orgnn.reid.engine import load_model, resolve_device
 
     ds = build_dataset(dataset, dataset_dir)
-    fen = load_model(fen_checkpoint, "fen")
-    oan = load_model(oan_checkpoint, "oan") if oan_checkpoint is not None else None
     if visibility is None:
-        visibility = "oan" if oan is not None else "ones"
+        visibility = "oan" if oan_checkpoint is not None else "ones"
     if splits is None:
         splits = [s for s in ("train", "query", "gallery") if ds.split(s)]
+    if visibility == "oan" and mask_dir is not None:  # every split's masks, before any work
+        from orgnn.reid.mask_checks import check_mask_folder
+
+        for split in splits:
+            missing = check_mask_folder(ds.split(split), ds.root, mask_dir, on_bad_image, split)
+            if missing:
+                log(f"{split}: {len(missing)} of {len(ds.split(split))} images have no mask in "
+                    f"{mask_dir}; they are left out")
+    fen = load_model(fen_checkpoint, "fen")
+    oan = load_model(oan_checkpoint, "oan") if oan_checkpoint is not None else None
     dev = resolve_device(device)
     out = Path(out)
     summary = {}

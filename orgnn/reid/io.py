@@ -1,21 +1,40 @@
-"""Small file helpers shared by the image side: checked image reading and atomic writes."""
+"""Small file helpers shared by the image side: checked image reading, checkpoint writes.
+
+Outputs go through the graph side's :func:`orgnn.io.atomic.atomic_write` (temporary sibling,
+fsync, one rename, mode ``0o666 & ~umask``), so both sides write files the same way.
+"""
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
+import re
 from pathlib import Path
 
-__all__ = ["BadImageError", "read_image", "atomic_write", "atomic_torch_save", "mask_path_for"]
+from orgnn.io.atomic import atomic_write
+
+__all__ = ["BadImageError", "read_image", "atomic_torch_save", "mask_path_for"]
+
+# the last line of a traceback formatted in a DataLoader worker: "...BadImageError: <message>"
+_WORKER_LINE = re.compile(r"^(?:[\w.]+\.)?BadImageError: (.*)$", re.MULTILINE)
+_MESSAGE = re.compile(r"^bad image (.+?): (.*)$", re.DOTALL)
 
 
 class BadImageError(ValueError):
-    """An image (or mask) file that cannot be decoded: unreadable, truncated or not an image."""
+    """An image (or mask) file that cannot be decoded: unreadable, truncated or not an image.
+
+    A DataLoader worker's error comes back to the main process as ``BadImageError(text)``,
+    where ``text`` is torch's "Caught BadImageError in DataLoader worker process 0. Original
+    Traceback ..." report; the original one-line message (and its path) is recovered from it,
+    so the error reads the same with ``--workers 0`` and ``--workers 4``.
+    """
 
     def __init__(self, path: str | os.PathLike, reason: str | None = None):
-        if reason is None:  # re-raised from a DataLoader worker with the full message
-            self.path, self.reason = "", ""
-            super().__init__(str(path))
+        if reason is None:  # one argument: a full message (re-raised from a worker)
+            text = str(path)
+            found = _WORKER_LINE.findall(text)
+            message = found[-1].strip() if found else text
+            parsed = _MESSAGE.match(message)
+            self.path, self.reason = parsed.groups() if parsed else ("", message)
+            super().__init__(message)
             return
         self.path, self.reason = os.fspath(path), reason
         super().__init__(f"bad image {self.path}: {reason}")
@@ -41,27 +60,11 @@ def read_image(path: str | os.PathLike, mode: str = "RGB"):
         raise BadImageError(path, str(err) or type(err).__name__) from None
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then ``os.replace`` it, so
-    that ``path`` is either absent or complete, never partial (interrupts, crashes)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`orgnn.io.atomic.atomic_write`: complete or absent."""
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def mask_path_for(image_path: str | os.PathLike, dataset_root: str | os.PathLike,

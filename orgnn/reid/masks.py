@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from orgnn.reid.io import BadImageError, atomic_write, mask_path_for, read_image
+from orgnn.io.atomic import atomic_write
+from orgnn.reid.io import BadImageError, mask_path_for, read_image
 
 __all__ = [
     "part_coverage",
@@ -140,7 +141,10 @@ def build_mask_rcnn(weights: str | os.PathLike | None = None, pretrained: bool =
 
     if sum(bool(x) for x in (weights, pretrained, random_init)) != 1:
         raise ValueError("Mask R-CNN needs weights: give a local weights file (--weights PATH) "
-                         "or --pretrained (torchvision downloads COCO weights; needs internet)")
+                         "or --pretrained (torchvision downloads COCO weights; needs internet). "
+                         "Without weights, skip masks: `orgnn extract --visibility ones` (every "
+                         "part visible) or `--visibility occluder` (synthetic occluders, "
+                         "visibility known) needs neither masks nor OAN")
     kw = dict(min_size=min_size, max_size=max_size, box_score_thresh=score_thresh,
               box_detections_per_img=max_detections)
     if pretrained:
@@ -175,7 +179,7 @@ def _save_mask_png(mask: Tensor, path: Path) -> None:
     from PIL import Image
 
     array = (mask.to(torch.uint8) * 255).cpu().numpy()
-    atomic_write(path, lambda tmp: Image.fromarray(array, mode="L").save(tmp, format="PNG"))
+    atomic_write(path, lambda handle: Image.fromarray(array, mode="L").save(handle, format="PNG"))
 
 
 @dataclass

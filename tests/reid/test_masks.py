@@ -1,6 +1,8 @@
 """Part labels from masks, person selection, Mask R-CNN plumbing, synthetic occlusion."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +104,9 @@ def test_mask_rcnn_plumbing_random_weights(tmp_path):
             assert png.mode == "L" and png.size == size
             assert set(np.unique(np.asarray(png))) <= {0, 255}
     assert not list(out.rglob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*.png")} == {0o666 & ~umask}
     again = write_masks(data, out, model, progress=False)  # resumable: nothing redone
     assert again.written == 0 and again.existing == 2
     # a truncated image: refused with its path, or skipped and reported
