@@ -3,7 +3,8 @@ r"""k-reciprocal re-ranking from part features, without query-query or gallery-g
 :func:`orgnn.retrieval.metrics.re_ranking` takes the dense ``(Q, G)``, ``(Q, Q)`` and ``(G, G)``
 distance matrices; at MSMT17's test size (11,659 queries, 82,161 gallery images) the
 gallery-gallery one alone is 27 GB. The algorithm only ever reads, for every sample :math:`i`
-of the joint set (:math:`N = Q + G`), the column :math:`D_{\cdot i}` of the joint distance matrix through
+of the joint set (:math:`N = Q + G`), the column :math:`D_{\cdot i}` of the joint distance
+matrix through
 
 * its ``max(k1 + 1, k2)`` nearest samples and its largest entry (the normaliser of
   :math:`O_{ij} = D_{ji}^2 / \max_a D_{ai}^2`),
