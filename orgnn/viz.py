@@ -69,6 +69,18 @@ _ROW_LABELS = {"baseline": "baseline", "oan": "+OAN", "gnn": "+GNN (no OAN)",
                "baseline_rr": "baseline +RR", "oan_rr": "+OAN +RR", "orgnn_rr": "OR-GNN +RR",
                "upper_bound": "upper bound"}
 _GREEN, _RED, _QUERY = "#1a9641", "#d7191c", "#2b2b2b"
+#: Widths in points of the lightest and the heaviest edge of a :func:`plot_graph` figure.
+MIN_EDGE_WIDTH, MAX_EDGE_WIDTH = 0.4, 4.0
+
+
+def require_matplotlib(what: str = "orgnn.viz") -> None:
+    """Raise a one-line :class:`ValueError` naming the ``viz`` extra when matplotlib is
+    missing (for commands to check before any work)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(f"{what} draws with matplotlib, which is not installed: "
+                         f'pip install "orgnn[viz]" (or pip install matplotlib)') from None
 
 
 def _pyplot():
@@ -88,12 +100,15 @@ def _save(fig, out: str | os.PathLike, dpi: int) -> dict[str, Any]:
     tmp = out.with_name(f".{out.name}.tmp.png")
     try:
         fig.savefig(tmp, dpi=dpi, format="png")
+        with open(tmp, "rb") as handle:  # the PNG's own size (IHDR: width, height)
+            header = handle.read(24)
+        width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24],
+                                                                            "big")
         os.replace(tmp, out)
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
-    width, height = fig.get_size_inches() * dpi
-    return {"path": str(out), "size": (int(round(width)), int(round(height)))}
+    return {"path": str(out), "size": (width, height)}
 
 
 # --------------------------------------------------------------------------------------
@@ -294,6 +309,7 @@ def _draw_tile(ax, image: np.ndarray | None, pid: int, cam: int, colour: str,
                                hatch="///", edgecolor="white", linewidth=0))
     ax.set_xlim(0, 1)
     ax.set_ylim(2, 0)
+    ax.set_aspect("equal", adjustable="box", anchor="C")   # the crop's 1:2, never stretched
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
@@ -341,8 +357,10 @@ def plot_ranks(out: str | os.PathLike, query: PartFeatures, gallery: PartFeature
     names = list(distances)
     nq, nr = len(query_indices), len(names)
     tile_w, tile_h = 0.62, 1.24
-    fig = plt.figure(figsize=(1.1 + tile_w * 1.15 * (top + 1.4), 0.35 + nq * nr * (tile_h + 0.25)))
-    grid = fig.add_gridspec(nq * nr, top + 2, width_ratios=[1, 0.35] + [1] * top,
+    query_w = 1.0 if nr == 1 else 1.5      # a query spanning several rows is drawn larger
+    fig = plt.figure(figsize=(1.1 + tile_w * 1.15 * (top + query_w + 0.4),
+                              0.35 + nq * nr * (tile_h + 0.25)))
+    grid = fig.add_gridspec(nq * nr, top + 2, width_ratios=[query_w, 0.35] + [1] * top,
                             left=0.02, right=0.99, top=1 - 0.3 / fig.get_figheight(),
                             bottom=0.02, hspace=0.35, wspace=0.08)
     tiles = image_tiles = 0
@@ -408,7 +426,7 @@ def graph_weights(model: ORGNN, x: torch.Tensor, mask: torch.Tensor
         aff.append(sparse_affinity(xk[:, None, :], xk[None, :, :], layer.att_weight[k],
                                    layer.att_bias[k]))
         _, alpha = layer.part(k)(xk, mask=mask, return_attention_weights=True)
-        att.append(alpha)
+        att.append(alpha[0])                                        # one graph: (1, N, N)
     return {"confidence": torch.stack(conf).numpy(), "affinity": torch.stack(aff).numpy(),
             "attention": torch.stack(att).numpy()}
 
@@ -463,7 +481,7 @@ def plot_graph(out: str | os.PathLike, query: PartFeatures, gallery: PartFeature
     cols = (m + 1) // 2
     fig = plt.figure(figsize=(1.9 + 3.0 * cols, 6.4))
     grid = fig.add_gridspec(2, cols + 2, width_ratios=[0.9] + [3] * cols + [0.12],
-                            left=0.02, right=0.91, top=0.88, bottom=0.03, wspace=0.15,
+                            left=0.02, right=0.91, top=0.88, bottom=0.09, wspace=0.15,
                             hspace=0.25)
     ax = fig.add_subplot(grid[:, 0])
     root = None if images_root is None else Path(images_root)
@@ -479,21 +497,15 @@ def plot_graph(out: str | os.PathLike, query: PartFeatures, gallery: PartFeature
     low = float(np.floor(20 * conf[:, :n].min()) / 20) if n > 1 else 0.0
     norm = Normalize(min(low, 0.95), 1)
     cmap = plt.get_cmap("viridis")
-    scale = 6.0 * max(n - 1, 1)            # a uniform weight 1/(n-1) draws 6 points wide
-    if edge_weight == "affinity":
-        scale = 4.0
+    # Only the read-out row is drawn: the messages into the target, the ones its
+    # reconstruction is made of (with all n(n-1)/2 edges a 30-node graph is a grey disc).
+    read_out = edges[:, 0, 1:n]
+    width = _edge_widths(read_out)
     for k in range(m):
         ax = fig.add_subplot(grid[k // cols, 1 + k % cols])
-        for i in range(n):
-            for j in range(i + 1, n):
-                if i == 0:   # messages into the target: the read-out row
-                    w, colour, alpha_line = edges[k, 0, j], "0.15", 0.9
-                else:
-                    w = 0.5 * (edges[k, i, j] + edges[k, j, i])
-                    colour, alpha_line = "0.6", 0.35
-                ax.plot(*pos[[i, j]].T, color=colour, alpha=alpha_line,
-                        linewidth=max(0.2, float(w) * scale), zorder=1,
-                        solid_capstyle="round")
+        for j in range(1, n):
+            ax.plot(*pos[[0, j]].T, color="0.2", alpha=0.8, linewidth=float(width(edges[k, 0, j])),
+                    zorder=1, solid_capstyle="butt")
         ring = [_QUERY] + [_GREEN if c else _RED for c in correct]
         ax.scatter(pos[1:, 0], pos[1:, 1], s=260, c=conf[k, 1:n], cmap=cmap, norm=norm,
                    edgecolors=ring[1:], linewidths=2.5, zorder=2)
@@ -516,8 +528,11 @@ def plot_graph(out: str | os.PathLike, query: PartFeatures, gallery: PartFeature
                  label="confidence $c_j$ (Eq. 4)")
     what = ("message weight $c_j a_{ij} / \\sum c\\, a$" if edge_weight == "attention"
             else "affinity $a_{ij}$ (Eq. 6)")
+    if read_out.size:
+        _edge_legend(fig, read_out, width, what)
     title = (f"query {query_index}: {n - 1} neighbours, {int((~correct).sum())} of another "
-             f"identity (red)   ·   edge width: {what}   ·   star: target")
+             f"identity (red)   ·   edges into the target (star): the thicker, the larger "
+             f"its {what}")
     if empty:
         title = f"query {query_index}: no neighbour, the graph is the image alone"
     fig.suptitle(title, fontsize=9)
@@ -525,6 +540,31 @@ def plot_graph(out: str | os.PathLike, query: PartFeatures, gallery: PartFeature
     return {**meta, "num_panels": m, "num_nodes": n, "num_neighbours": n - 1,
             "num_wrong": int((~correct).sum()), "neighbours": index.tolist(),
             "confidence": conf.tolist(), "edge_weights": edges.tolist()}
+
+
+def _edge_widths(weights: np.ndarray):
+    """Line width (points) of an edge weight: linear over the figure's weights, from
+    ``MIN_EDGE_WIDTH`` (smallest) to ``MAX_EDGE_WIDTH`` (largest), so that the small
+    differences of a near-uniform neighbourhood are seen (the legend gives the values);
+    all ``(MIN + MAX) / 2`` when the weights are equal."""
+    lo, hi = (float(weights.min()), float(weights.max())) if weights.size else (0.0, 0.0)
+    span = hi - lo
+    if span <= 1e-9 * max(abs(hi), 1.0):
+        return lambda w: np.full(np.shape(w), (MIN_EDGE_WIDTH + MAX_EDGE_WIDTH) / 2)
+    return lambda w: MIN_EDGE_WIDTH + (MAX_EDGE_WIDTH - MIN_EDGE_WIDTH) * (
+        np.asarray(w, dtype=np.float64) - lo) / span
+
+
+def _edge_legend(fig, weights: np.ndarray, width, what: str) -> None:
+    """A legend of three edge widths: the largest, median and smallest drawn weight."""
+    from matplotlib.lines import Line2D
+
+    values = np.quantile(weights, [1.0, 0.5, 0.0])
+    handles = [Line2D([], [], color="0.2", alpha=0.8, linewidth=float(width(v)),
+                      solid_capstyle="butt") for v in values]
+    labels = [f"{name} {v:.3g}" for name, v in zip(("max", "median", "min"), values)]
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False,
+               title=what, title_fontsize=7, bbox_to_anchor=(0.5, 0.0), handlelength=3)
 
 
 # --------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ def setup(tmp_path_factory):
     (outs / "fig.png").write_bytes(b"previous figure")
     (outs / "a_folder").mkdir()
     (outs / "a_file").write_text("not a folder")
+    (base / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    np.savez(base / "features.npz", features=np.zeros((2, 6, 4), np.float32))
     return {"base": base, "data": data, "outs": outs, "ckpt": ckpt}
 
 
@@ -79,6 +81,14 @@ def _cases(s) -> list[tuple[list[str], list[str]]]:
           str(o / "rec")], ["--checkpoint", "none.pt"]),
         (["plot-cmc", "--data", d, "--out", str(o / "fig.png"), "--json",
           str(o / "fig.png")], ["--json", "--out", "same file"]),
+        (rec + ["--device", "gpu0"], ["--device", "gpu0", "cpu, cuda, cuda:N, mps"]),
+        (show + ["--device", "cuda:x"], ["--device", "cuda:x", "accepted forms"]),
+        (["reconstruct", "--data", d, "--checkpoint", str(s["base"] / "random.pt"), "--out",
+          str(o / "rec")], ["random.pt", "unrecognised binary data, not an orgnn checkpoint",
+                            "expected a torch.save file from `orgnn train`"]),
+        (["reconstruct", "--data", d, "--checkpoint", str(s["base"] / "features.npz"),
+          "--out", str(o / "rec")], ["features.npz", "a NumPy .npz archive, not an orgnn "
+                                     "checkpoint (expected a torch.save file"]),
         (["train-fen", "--dataset", "market1501", "--dataset-dir", d, "--out",
           str(o / "fen"), "--epochs", "0"], ["--epochs"]),
         (["masks", "--dataset-dir", d, "--out", str(o / "m"), "--score-thresh", "2"],
@@ -147,3 +157,27 @@ def test_k_larger_than_gallery_is_lowered_with_a_note(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--k 5000 is more than the gallery's {gallery_size} images" in err
     assert f"using --k {gallery_size}" in err
+
+
+def test_figure_commands_without_matplotlib_name_the_extra(setup, tmp_path):
+    """matplotlib missing (simulated: ``sys.modules["matplotlib"] = None``): each figure
+    command stops before loading data or training, naming the `viz` extra."""
+    d = str(setup["data"])
+    commands = [["show-ranks", "--data", d, "--out", str(tmp_path / "r.png")],
+                ["show-graph", "--data", d, "--out", str(tmp_path / "g.png")],
+                ["plot-cmc", "--data", d, "--out", str(tmp_path / "c.png")]]
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from orgnn.cli import main\n"
+            f"for args in {commands!r}:\n"
+            "    print(main(args))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = [line.split() for line in proc.stdout.split("\n") if line.strip()]
+    assert [r[0] for r in results] == ["2", "2", "2"], proc.stdout
+    assert "OR-GNN training" not in proc.stderr   # up front: nothing loaded or trained
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("orgnn: error:")]
+    assert len(errors) == 3 and "Traceback" not in proc.stderr, proc.stderr
+    for args, line in zip(commands, errors):
+        assert f"`orgnn {args[0]}`" in line and 'pip install "orgnn[viz]"' in line, line
+    assert not list(tmp_path.iterdir())

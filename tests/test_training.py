@@ -145,8 +145,8 @@ def test_classifier_starts_imprinted_or_random(tiny):
     from orgnn.reconstruction.training import train_neighbourhoods
 
     train = tiny["train"]
-    imprinted = train_orgnn(train, TrainConfig(epochs=0, outlier_scorer="none"),
-                            progress=False)
+    imprinted = train_orgnn(train, TrainConfig(epochs=0, outlier_scorer="none",
+                                               classifier_init="imprint"), progress=False)
     random = train_orgnn(train, TrainConfig(epochs=0, classifier_init="random",
                                             outlier_scorer="none"), progress=False)
     assert random.classifier.abs().max() < 1e-2                # the small random start

@@ -180,3 +180,54 @@ def test_real_mini_mars_ranks(tmp_path, shared_data, capsys):
                  "--out", str(out), "--epochs", "0", "--quiet"]) == 0
     _png(out)
     assert "11 tiles (11 from images)" in capsys.readouterr().out
+
+
+def test_edge_widths_span_a_few_points_and_tell_weights_apart():
+    weights = np.array([[0.0294, 0.0334, 0.034], [0.031, 0.0335, 0.0339]])
+    width = viz._edge_widths(weights)
+    assert width(weights.max()) == pytest.approx(viz.MAX_EDGE_WIDTH)
+    assert viz.MAX_EDGE_WIDTH <= 5                         # a few points, not a grey disc
+    assert width(weights.min()) == pytest.approx(viz.MIN_EDGE_WIDTH)
+    w = width(np.sort(weights.ravel()))
+    assert np.all(np.diff(w) > 0)                          # larger weight, thicker line
+    assert width(0.0334) - width(0.0294) > 2.0             # near-uniform weights still apart
+    same = viz._edge_widths(np.full((2, 3), 0.25))
+    assert same(0.25) == pytest.approx((viz.MIN_EDGE_WIDTH + viz.MAX_EDGE_WIDTH) / 2)
+
+
+def test_graph_draws_read_out_edges_only_and_tiles_keep_aspect(tmp_path, tiny, monkeypatch):
+    """show-graph: one line per neighbour and part (not n(n-1)/2), none wider than the
+    maximum; every image tile (also the tall query one) drawn at the crop's 1:2."""
+    figures = []
+    save = viz._save
+    monkeypatch.setattr(viz, "_save", lambda fig, out, dpi: (figures.append(fig),
+                                                             save(fig, out, dpi))[1])
+    q, g = tiny["query"], tiny["gallery"]
+    model = viz.prepare_model(tiny["train"], config=TrainConfig(epochs=0))
+    info = viz.plot_graph(tmp_path / "graph.png", q, g, 1, model, SearchConfig(k=6, theta=0.0))
+    dists = viz.row_distances(q, g, ["baseline", "oan"])
+    viz.plot_ranks(tmp_path / "ranks.png", q, g, dists, [0, 3], top=5)
+    graph, ranks = figures
+    panels = [ax for ax in graph.axes if ax.get_title().split("\n")[0] in viz.PART_NAMES]
+    assert len(panels) == 6
+    for ax in panels:
+        assert len(ax.lines) == info["num_neighbours"]
+        assert max(line.get_linewidth() for line in ax.lines) <= viz.MAX_EDGE_WIDTH + 1e-6
+    for fig in (graph, ranks):
+        fig.canvas.draw()
+        tiles = [ax for ax in fig.axes if ax.get_ylim() == (2.0, 0.0)]
+        assert tiles
+        for ax in tiles:
+            box = ax.get_window_extent()
+            assert box.height / box.width == pytest.approx(2.0, rel=0.03)
+
+
+def test_show_ranks_says_when_no_image_was_found(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "ranks.png"
+    assert main(["show-ranks", "--data", str(tiny_dir), "--rows", "baseline",
+                 "--images-root", str(tmp_path), "--top", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"no image was found under {tmp_path}" in err and "--images-root" in err
+    assert main(["show-ranks", "--data", str(tiny_dir), "--rows", "baseline", "--top", "2",
+                 "--out", str(out)]) == 0
+    assert "no image" not in capsys.readouterr().err         # DIR/../images has them

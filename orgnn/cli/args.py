@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 __all__ = ["int_range", "float_range", "input_dir", "input_file", "output_file",
-           "output_dir", "choices_list"]
+           "output_dir", "choices_list", "device", "DEVICE_FORMS"]
+
+#: Device strings the commands accept (what ``torch.device`` reads, plus ``auto``).
+DEVICE_FORMS = "cpu, cuda, cuda:N, mps, xpu, xpu:N, auto"
+_DEVICE = re.compile(r"(cpu|mps|auto|(cuda|xpu)(:\d+)?)")
 
 
 def _bound_text(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
@@ -130,3 +135,14 @@ def output_dir(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text} is an existing file; name a folder")
     _check_parent_writable(path, text)
     return text
+
+
+def device(text: str) -> str:
+    """A torch device string: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu[:N]`` or ``auto``
+    (a GPU when there is one). Checked by its form only: whether the machine has that
+    device is checked when the command runs."""
+    value = text.strip().lower()
+    if not _DEVICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; accepted forms: "
+                                         f"{DEVICE_FORMS}")
+    return value

@@ -22,6 +22,7 @@ import numpy as np
 
 from orgnn.cli.args import (
     choices_list,
+    device,
     float_range,
     input_dir,
     input_file,
@@ -35,7 +36,7 @@ __all__ = ["register", "write_json_atomic"]
 
 #: Eq. 7 epochs after the outlier scorer is trained: 0, measured best on a validation split
 #: of cuhk03-parts' training identities (docs/results.md); the paper trains 120.
-DEFAULT_EPOCHS = 0
+DEFAULT_EPOCHS = 6
 #: Rows of SPEC §6 (a copy, so that ``--help`` does not import torch; a test keeps it equal
 #: to :data:`orgnn.reconstruction.pipeline.ABLATION_ROWS`).
 ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn", "baseline_rr", "oan_rr",
@@ -145,7 +146,7 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq"],
                    help="exact (flat), IVF, or IVF-PQ with exact re-ranking (galleries of "
                         "millions; see docs/scale.md)")
-    g.add_argument("--device", default=None, metavar="DEV",
+    g.add_argument("--device", default=None, metavar="DEV", type=device,
                    help="torch device for the exact search and the OR-GNN (cpu, cuda, "
                         "cuda:1, auto); default: faiss search and the OR-GNN on the CPU. "
                         "Under torchrun, cuda means cuda:LOCAL_RANK")
@@ -190,9 +191,20 @@ def _add_train_options(p: argparse.ArgumentParser, min_epochs: int = 0) -> None:
                    help="how the target node starts: its visible parts with the hidden ones "
                         "from the neighbours' mean (default, measured best), the neighbours' "
                         "mean (the paper) or its own feature")
-    g.add_argument("--classifier-init", default="imprint", choices=["imprint", "random"],
-                   help="how the Eq. 7 classifier starts: the class means of the untrained "
-                        "network's outputs (default, measured best) or small random weights")
+    g.add_argument("--classifier-init", default="random", choices=["random", "imprint"],
+                   help="how the Eq. 7 classifier starts: small random weights (default, "
+                        "measured best) or the class means of the untrained network's outputs")
+    g.add_argument("--triplet-weight", type=float_range(0.0), default=1.0,
+                   help="weight (>= 0) of a batch-hard triplet loss (margin 0.3) on the "
+                        "reconstructed targets' retrieval distance, beside Eq. 7 (default 1, "
+                        "measured best; 0: Eq. 7 alone, the paper)")
+    g.add_argument("--transform-lr", type=float_range(0.0, lo_open=True), default=1.0,
+                   help="learning-rate multiplier (> 0) of the layers' transform W "
+                        "(default 1)")
+    g.add_argument("--output-bn", default="off", choices=["off", "on"],
+                   help="retrieve with the raw output (off: default, the paper) or the Eq. 7 "
+                        "head's batch-normalised output (on: the BNNeck convention; it "
+                        "helped Eq. 7 alone, not with the triplet term)")
     g.add_argument("--recon-weight", type=float_range(0.0), default=0.0,
                    help="weight (>= 0) of an extra loss pulling the reconstruction towards "
                         "the same image without occluder; needs that image's features as "
@@ -227,6 +239,8 @@ def _configs(args: argparse.Namespace):
     train = TrainConfig(epochs=args.epochs, k=args.train_k, theta=args.train_theta,
                         mode=search.mode, init=args.init, target_init=args.target_init,
                         classifier_init=args.classifier_init,
+                        triplet_weight=args.triplet_weight, transform_lr=args.transform_lr,
+                        output_bn=args.output_bn == "on",
                         recon_weight=args.recon_weight, seed=args.seed,
                         outlier_scorer=args.outlier_scorer, scorer_stages=args.scorer_stages,
                         scorer_gamma=args.scorer_gamma, act=args.act)
@@ -314,6 +328,45 @@ def check_checkpoint(model, checkpoint: str, pf, source: str) -> None:
                          f"use a checkpoint trained on this data (`orgnn train`)")
 
 
+def check_feature_space(model, checkpoint: str, pf, source: str) -> None:
+    """Warn, naming both files, when ``pf``'s random-pair part cosines are far from those
+    of the features the checkpoint was trained on (its θ then means something else here).
+    Checkpoints without a fingerprint (older ones) are not checked."""
+    from orgnn.reconstruction.training import feature_fingerprint, fingerprint_mismatch
+
+    space = getattr(model, "feature_space", None) or {}
+    theirs = space.get("pair_cosine_quantiles")
+    if not theirs:
+        return
+    ours = feature_fingerprint(pf.features)
+    if fingerprint_mismatch(theirs, ours):
+        trained = space.get("source", "its training data")
+        theta = getattr(getattr(model, "train_config", None), "theta", None)
+        warn(f"{source} does not look like the features checkpoint {checkpoint} was trained "
+             f"on ({trained}): the median part cosine of random image pairs is "
+             f"{ours[2]:.2f} here, {theirs[2]:.2f} there (5-95%: {theirs[0]:.2f}-"
+             f"{theirs[-1]:.2f})" + (f", so its theta {theta:.3f} means something else"
+                                     if theta is not None else "")
+             + "; train a checkpoint on this data (`orgnn train`)")
+
+
+def warn_if_mostly_empty(num_empty: int, total: int, source: str, args: argparse.Namespace,
+                         model=None) -> None:
+    """Warn when a quarter or more of ``source``'s images found no neighbour (they are
+    reconstructed from themselves alone), and say what to do."""
+    if not total or num_empty < 0.25 * total:
+        return
+    theta = args.theta
+    if theta is None:
+        theta = getattr(getattr(model, "train_config", None), "theta", None)
+    where = "given by --theta" if args.theta is not None else "from the checkpoint"
+    warn(f"{num_empty} of {total} images of {source} have no neighbour at K={args.k}"
+         + (f", theta={theta:.3f} ({where})" if theta is not None else "")
+         + ": they are reconstructed from themselves alone. The threshold does not suit "
+           "these features: use a checkpoint trained on this data (`orgnn train`), or pass a "
+           "lower --theta")
+
+
 def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None) -> int:
     """Graphs per reconstruction batch so that one batch's tensors stay near
     :data:`GRAPH_BATCH_BYTES` (about 8 float32 copies of ``(B, M, K + 1, F)``)."""
@@ -385,7 +438,12 @@ def _ablation(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from orgnn.io.features import load_split_dir
-    from orgnn.reconstruction.training import save_checkpoint, train_orgnn
+    from orgnn.reconstruction.training import (
+        FINGERPRINT_LEVELS,
+        feature_fingerprint,
+        save_checkpoint,
+        train_orgnn,
+    )
 
     splits = load_split_dir(args.data, splits=("train",))
     if args.validation_split is not None:
@@ -396,12 +454,24 @@ def _train(args: argparse.Namespace) -> int:
         print(f"training on {held['train'].num_images} images; "
               f"{held['query'].num_images + held['gallery'].num_images} of held-out identities "
               "left out")
-    fit_to_data(args, splits, _data_prefix(args.data))
-    visibility_warnings(splits, _data_prefix(args.data))
-    config = _configs(args).train
-    model = train_orgnn(splits["train"], config, progress=not args.quiet)
-    save_checkpoint(args.out, model, model.train_config)  # theta as calibrated
-    print(f"wrote {args.out}")
+    where = _data_prefix(args.data)
+    fit_to_data(args, splits, where)
+    visibility_warnings(splits, where)
+    train = splits["train"]
+    print(f"training on {where}train.npz: {train.num_images} images, "
+          f"{len(np.unique(train.pids))} identities, {train.num_parts} parts x "
+          f"{train.dim}-d", flush=True)
+    model = train_orgnn(train, _configs(args).train, progress=not args.quiet)
+    config = model.train_config  # theta as calibrated
+    space = {"pair_cosine_quantiles": feature_fingerprint(train.features),
+             "levels": list(FINGERPRINT_LEVELS), "source": f"{where}train.npz"}
+    save_checkpoint(args.out, model, config, feature_space=space)
+    how = ("given by --train-theta" if args.train_theta is not None else
+           f"calibrated on the training split: {config.theta_quantile:.0%} of right "
+           f"neighbours fall below it")
+    print(f"wrote {args.out}: theta {config.theta:.3f} ({how}), K {config.k}, "
+          f"{config.mode} search; `orgnn reconstruct` searches with this theta unless "
+          f"--theta is given")
     return 0
 
 
@@ -423,6 +493,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     where = _data_prefix(args.data)
     for name, pf in splits.items():
         check_checkpoint(model, args.checkpoint, pf, f"{where}{name}.npz")
+    check_feature_space(model, args.checkpoint, splits["gallery"], f"{where}gallery.npz")
     fit_to_data(args, splits, where)
     visibility_warnings(splits, where)
     gallery = splits["gallery"]
@@ -452,6 +523,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
             if main:
                 print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours",
                       flush=True)
+                warn_if_mostly_empty(nbrs.num_empty, len(target), f"{where}{name}.npz",
+                                     args, model)
         distributed.finish()
         if not main:  # rank 0 holds the gathered set and writes it
             return 0

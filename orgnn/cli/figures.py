@@ -117,6 +117,35 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def need_matplotlib(command: str) -> None:
+    """Refuse a figure command before any work when matplotlib is missing, naming the
+    extra that brings it (:func:`orgnn.viz.require_matplotlib`)."""
+    from orgnn.viz import require_matplotlib
+
+    require_matplotlib(f"`orgnn {command}`")
+
+
+def _image_note(args: argparse.Namespace, root: Path | None, splits: dict, found: int,
+                total: int) -> None:
+    """Say plainly when no tile came from an image, and why."""
+    from orgnn.cli.commands import note
+
+    if found or not total or not args.data:  # a synthetic world has no images
+        return
+    paths = splits["query"].paths
+    if paths is None:
+        why = "the part-feature files have no `paths` array naming the images"
+    elif root is None:
+        default = "" if not args.data else \
+            f" ({Path(args.data).resolve().parent / 'images'} does not exist)"
+        why = f"no image folder: pass --images-root{default}"
+    else:
+        why = (f"no image was found under {root} (e.g. {root / str(paths[0])} does not "
+               f"exist or cannot be read); pass the folder the `paths` are relative to "
+               f"as --images-root")
+    note(f"every tile shows identity and camera instead of an image: {why}")
+
+
 def _splits(args: argparse.Namespace, need_train: bool) -> dict:
     """Load (or generate) the splits, then check the arguments that depend on them."""
     from orgnn.cli.commands import fit_to_data, visibility_warnings
@@ -223,6 +252,7 @@ def _show_ranks(args: argparse.Namespace) -> int:
     from orgnn.cli.commands import _configs
     from orgnn.viz import plot_ranks, row_distances
 
+    need_matplotlib("show-ranks")
     rows = _rows(args.rows)
     model_rows = {"gnn", "avg", "oan_gnn", "orgnn", "orgnn_rr", "upper_bound"}
     train_needed = bool(model_rows & set(rows)) and _needs_train(args)
@@ -232,14 +262,16 @@ def _show_ranks(args: argparse.Namespace) -> int:
     models = _models(args, splits, keys) if model_rows & set(rows) else {}
     dists = row_distances(query, gallery, rows, _configs(args).search, models)
     indices = args.query_index or _helped_most(dists, query, gallery, args.top)
+    root = _images_root(args)
     info = _figure(args.out, lambda png: plot_ranks(
-        png, query, gallery, dists, indices, top=args.top, images_root=_images_root(args)))
+        png, query, gallery, dists, indices, top=args.top, images_root=root))
     print(f"wrote {info['path']} ({info['size'][0]}x{info['size'][1]} px): "
           f"{info['num_queries']} queries x {len(rows)} rankings, {info['num_tiles']} tiles "
           f"({info['num_image_tiles']} from images)")
     for r in info["rankings"]:
         hits = "".join("+" if c else "-" for c in r["correct"])
-        print(f"  query {r['query']:>5}  {r['row']:<12} {hits}")
+        print(f"  query {r['query']:>5}  {r['row']:<12} {hits}", flush=True)
+    _image_note(args, root, splits, info["num_image_tiles"], info["num_tiles"])
     return 0
 
 
@@ -247,6 +279,7 @@ def _show_graph(args: argparse.Namespace) -> int:
     from orgnn.cli.commands import _configs
     from orgnn.viz import plot_graph
 
+    need_matplotlib("show-graph")
     splits = _splits(args, need_train=_needs_train(args))
     query, gallery = splits["query"], splits["gallery"]
     from orgnn.reconstruction.pipeline import resolve_search
@@ -291,6 +324,7 @@ def _plot_cmc(args: argparse.Namespace) -> int:
     from orgnn.io.atomic import FileSet, sha256_file
     from orgnn.viz import ablation_cmc, plot_cmc
 
+    need_matplotlib("plot-cmc")
     if args.json and Path(args.json).resolve() == Path(args.out).resolve():
         raise ValueError(f"--json and --out name the same file ({args.out})")
     counts = None

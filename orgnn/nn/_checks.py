@@ -35,8 +35,8 @@ def check_features(x: Tensor, in_channels: int, name: str, rank: tuple[int, ...]
     check_finite(x, name)
 
 
-def check_finite(x: Tensor, name: str) -> None:
-    if not has_values(x):
+def check_finite(x: Tensor, name: str, label: str = "x") -> None:
+    if not has_values(x) or not x.is_floating_point():
         return
     # A sum is one cheap pass and is non-finite whenever any entry is (or on overflow,
     # in which case the exact check below finds nothing and passes).
@@ -49,7 +49,7 @@ def check_finite(x: Tensor, name: str) -> None:
     value = x[tuple(bad)].item()
     where = ", ".join(f"dim {d}={i}" for d, i in enumerate(bad))
     count = int((~finite).sum())
-    raise ValueError(f"{name}: x contains {count} non-finite value(s); first is {value} at "
+    raise ValueError(f"{name}: {label} contains {count} non-finite value(s); first is {value} at "
                      f"({where})")
 
 

@@ -55,12 +55,21 @@ class DenseORGNNConv(torch.nn.Module):
             the paper's)
         act_kwargs (Dict[str, Any], optional): Arguments of ``act``. (default: :obj:`None`)
 
+    As in :class:`~torch_geometric.nn.dense.DenseGATConv`, ``adj`` is a pattern: any
+    non-zero entry is an edge, whatever its value (weighted adjacencies such as
+    ``to_dense_adj(edge_index, edge_attr=w)`` are accepted). Its values are not used as
+    weights, as :class:`ORGNNConv` ignores the values of a sparse adjacency: the OR-GNN
+    weighs each edge by its own :math:`c_{ij} a_{ij}`, so both layers agree on the same
+    pattern. Also as in PyG's dense layers, an unbatched :math:`(N, F_{in})` input is one
+    graph and comes back with its batch dimension, :math:`(1, N, F_{out})`.
+
     Shapes:
-        - **input:** node features :math:`(B, N, F_{in})` (or :math:`(N, F_{in})`),
-          adjacency :math:`(B, N, N)` or :math:`(N, N)` (optional),
+        - **input:** node features :math:`(B, N, F_{in})` (or :math:`(N, F_{in})`: one
+          graph), adjacency :math:`(B, N, N)` or :math:`(N, N)` (optional; non-zero = edge),
           mask :math:`(B, N)` or :math:`(N,)`, bool or 0/1, :obj:`True` for real nodes
           (optional)
-        - **output:** node features :math:`(B, N, F_{out})`, zero on padded nodes, and with
+        - **output:** node features :math:`(B, N, F_{out})` (:math:`(1, N, F_{out})` for an
+          unbatched input), zero on padded nodes, and with
           :obj:`return_attention_weights=True` also the :math:`(B, N, N)` edge weights
     """
 
@@ -100,9 +109,10 @@ class DenseORGNNConv(torch.nn.Module):
         r"""Runs the forward pass of the module.
 
         Args:
-            x (torch.Tensor): Node features :math:`(B, N, F)`; a 2-D input is one graph.
+            x (torch.Tensor): Node features :math:`(B, N, F)`; a 2-D input is one graph
+                (the output is then :math:`(1, N, F_{out})`, as in PyG's dense layers).
             adj (torch.Tensor, optional): Adjacency :math:`(B, N, N)`, or :math:`(N, N)`
-                shared by the batch: ``adj[b, i, j]`` non-zero (bool or 0/1) when node
+                shared by the batch: ``adj[b, i, j]`` non-zero (any value) when node
                 :math:`j` sends a message to node :math:`i` (for undirected graphs simply
                 the adjacency; for directed ones PyG's ``adj_t`` orientation, e.g.
                 ``to_dense_adj(edge_index.flip(0))``); the diagonal holds self-loops.
@@ -117,8 +127,7 @@ class DenseORGNNConv(torch.nn.Module):
         checks = _checks.checks_enabled()
         if checks:
             _checks.check_features(x, self.in_channels, name, rank=(2, 3))
-        squeeze = x.dim() == 2
-        if squeeze:
+        if x.dim() == 2:  # one graph: (1, N, F) out, as PyG's dense layers
             x = x.unsqueeze(0)
         batch_size, num_nodes, _ = x.shape
         if adj is not None:
@@ -159,8 +168,6 @@ class DenseORGNNConv(torch.nn.Module):
         if padded:  # zero the padded rows (without a mask there are none)
             keep = mask.unsqueeze(-1).to(out.dtype)
             out = out * keep if torch.is_grad_enabled() else out.mul_(keep)
-        if squeeze:
-            out, alpha = out.squeeze(0), alpha.squeeze(0)
         return (out, alpha) if return_attention_weights else out
 
     @staticmethod
@@ -178,7 +185,7 @@ class DenseORGNNConv(torch.nn.Module):
         if adj.is_sparse or adj.layout != torch.strided:
             raise TypeError(f"{name}: adj must be a dense tensor (use ORGNNConv for sparse "
                             f"adjacencies), got layout {adj.layout}")
-        _checks.check_binary(adj, name, "adj")
+        _checks.check_finite(adj, name, "adj")  # any other value: non-zero = edge
 
     def __repr__(self) -> str:
         extra = "" if self.outlier_aware else ", outlier_aware=False"

@@ -298,9 +298,6 @@ def sparse_normalise(weight: Tensor, dst: Tensor, num_nodes: int) -> Tensor:
 # --------------------------------------------------------------------------------------
 # General and bipartite graphs: Eq. 4 per edge
 # --------------------------------------------------------------------------------------
-# torch warns that sparse CSR support is "in beta" on first use; the CSR rendering below uses
-# its settled core (construction, mm, sampled_addmm), and the warning would reach every user.
-warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
 
 
 def edge_confidence(dot: Tensor, sq_src: Tensor, sq_sum: Tensor, has_others: Tensor) -> Tensor:
@@ -467,6 +464,16 @@ def csr_spmm(adj: Tensor, x: Tensor) -> Tensor:
     return torch.sparse.mm(adj, x)
 
 
+def csr_tensor(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """``torch.sparse_csr_tensor`` without torch's "Sparse CSR tensor support is in beta
+    state" warning: the CSR rendering uses its settled core (construction, mm,
+    sampled_addmm), and a user who never asked for CSR should not see it. Only that
+    warning, only here: the filter is local to this call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
 class CSRPattern:
     r"""A fixed sparsity pattern in CSR form (rows are receivers, senders ascending within a
     row) and the two products the CSR rendering needs, differentiable in their dense
@@ -499,9 +506,7 @@ class CSRPattern:
 
     def matrix(self, values: Tensor) -> Tensor:
         """The sparse CSR matrix with ``values`` (in this pattern's order)."""
-        return torch.sparse_csr_tensor(self.crow, self.col, values,
-                                       size=(self.num_rows, self.num_cols),
-                                       check_invariants=False)
+        return csr_tensor(self.crow, self.col, values, (self.num_rows, self.num_cols))
 
     def transposed(self) -> tuple[CSRPattern, Tensor | None]:
         """The transposed pattern and the permutation taking this pattern's entry order to

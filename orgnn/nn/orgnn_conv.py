@@ -69,9 +69,21 @@ class ORGNNConv(MessagePassing):
     :math:`c_{ij} a_{ij} / \sum_j c_{ij} a_{ij}` multiplies each one (so PyG's
     explainability edge masks apply to it). Both renderings compute the same function.
 
+    **Source and target widths.** Both equations compare a receiver with its senders in one
+    space: Eq. 6 subtracts them (:math:`\mathbf{x}_i - \mathbf{x}_j`) and Eq. 4 sums them
+    (:math:`\mathbf{S}_i = \mathbf{x}_i + \sum_l \mathbf{x}_l`, then the cosine of
+    :math:`\mathbf{x}_j` with :math:`\mathbf{S}_i - \mathbf{x}_j`). With senders of
+    :math:`F_s` and receivers of :math:`F_t \ne F_s` features neither is defined, and a
+    learned projection of one side would be a new layer, not the paper's. So
+    ``in_channels`` may be a pair ``(in_src, in_dst)`` as in
+    :class:`~torch_geometric.nn.conv.GATConv` (``(-1, -1)`` lazy, or one side lazy), but the
+    two widths must be equal; project the receivers first (e.g. a
+    :class:`~torch_geometric.nn.dense.linear.Linear`) when yours differ.
+
     Args:
-        in_channels (int): Size of each input sample, or :obj:`-1` to derive it lazily.
-            Senders and receivers have the same size (Eq. 6 subtracts them).
+        in_channels (int or tuple): Size of each input sample, or :obj:`-1` to derive it
+            lazily; a pair ``(in_src, in_dst)`` for bipartite inputs, either side :obj:`-1`.
+            The two sizes must be equal (see above).
         out_channels (int): Size of each output sample.
         bias (bool, optional): If set to :obj:`False`, :math:`\mathbf{W}` has no additive
             bias. (default: :obj:`True`)
@@ -107,7 +119,7 @@ class ORGNNConv(MessagePassing):
 
     def __init__(
         self,
-        in_channels: int,
+        in_channels: int | tuple[int, int],
         out_channels: int,
         bias: bool = True,
         outlier_aware: bool = True,
@@ -123,9 +135,10 @@ class ORGNNConv(MessagePassing):
         self.outlier_aware = outlier_aware
         self.add_self_loops = add_self_loops
         self.act = activation_resolver(act, **(act_kwargs or {})) if act is not None else None
-        self.lin = Linear(in_channels, out_channels, bias=bias, weight_initializer="glorot",
+        width = input_width(in_channels, "ORGNNConv")
+        self.lin = Linear(width, out_channels, bias=bias, weight_initializer="glorot",
                           bias_initializer="zeros")
-        self.att = Linear(in_channels, 1, bias=True, weight_initializer="glorot",
+        self.att = Linear(width, 1, bias=True, weight_initializer="glorot",
                           bias_initializer="zeros")
         self._pattern: CSRPattern | None = None
         self.reset_parameters()
@@ -161,13 +174,14 @@ class ORGNNConv(MessagePassing):
         x_src, x_dst, bipartite = self._split_input(x)
         num_src, num_dst = x_src.size(0), x_dst.size(0)
         if _checks.checks_enabled():
-            _checks.check_features(x_src, self.in_channels, name, rank=(2,))
+            _checks.check_features(x_src, self.att.in_channels, name, rank=(2,))
             if bipartite:
-                _checks.check_features(x_dst, self.in_channels, name, rank=(2,))
+                _checks.check_features(x_dst, self.att.in_channels, name, rank=(2,))
         if bipartite and x_src.size(-1) != x_dst.size(-1):
             raise ValueError(f"{name}: source and target features must have the same size "
-                             f"(Eq. 6 subtracts them), got {x_src.size(-1)} and "
-                             f"{x_dst.size(-1)}")
+                             f"(Eq. 6 subtracts them, Eq. 4 sums them), got "
+                             f"{x_src.size(-1)} and {x_dst.size(-1)}; project one side "
+                             f"first")
         if size is not None and (int(size[0]), int(size[1])) != (num_src, num_dst):
             raise ValueError(f"{name}: size {tuple(size)} does not match x "
                              f"({num_src} source and {num_dst} target nodes)")
@@ -252,6 +266,26 @@ class ORGNNConv(MessagePassing):
         if not isinstance(self.act, torch.nn.ReLU):
             extra += f", act={self.act}"
         return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}{extra})"
+
+
+def input_width(in_channels: int | tuple[int, int], name: str) -> int:
+    """The one input width of ``in_channels`` (an int, or a GATConv-style pair
+    ``(in_src, in_dst)`` whose known sides must agree); :obj:`-1`: lazy."""
+    if isinstance(in_channels, (tuple, list)):
+        if len(in_channels) != 2 or not all(isinstance(c, int) for c in in_channels):
+            raise TypeError(f"{name}: in_channels must be an int or a pair (in_src, in_dst) "
+                            f"of ints, got {in_channels!r}")
+        known = {c for c in in_channels if c > 0}
+        if len(known) > 1:
+            raise ValueError(f"{name}: in_channels {tuple(in_channels)}: senders and "
+                             f"receivers must have the same width (Eq. 6 subtracts them, "
+                             f"Eq. 4 sums them); project one side to the other's width "
+                             f"first")
+        return known.pop() if known else -1
+    if not isinstance(in_channels, int):
+        raise TypeError(f"{name}: in_channels must be an int or a pair (in_src, in_dst), "
+                        f"got {type(in_channels).__name__}")
+    return in_channels
 
 
 class _Graph:

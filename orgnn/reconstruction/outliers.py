@@ -34,6 +34,7 @@ vectorised over targets (chunks of ``chunk_size`` targets), never a loop over im
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -344,11 +345,15 @@ def _fit_stage(scorer: NeighbourScorer, stage: int, features: np.ndarray, labels
 
 
 def fit_scorer(train: PartFeatures, nbrs: Neighbourhoods, config: ScorerConfig | None = None,
-               chunk_size: int = 1024) -> NeighbourScorer:
+               chunk_size: int = 1024, on_stage: Callable[[int], None] | None = None
+               ) -> NeighbourScorer:
     """Train a :class:`~orgnn.nn.neighbour_scorer.NeighbourScorer` on the training split's
     own neighbourhoods ``nbrs`` (each image searched in the split, itself excluded), stage
     by stage; stage
-    ``s`` learns from stage ``s - 1``'s probabilities on the same neighbourhoods."""
+    ``s`` learns from stage ``s - 1``'s probabilities on the same neighbourhoods.
+    ``on_stage(s)`` is called as stage ``s`` starts (``-1``: the edge features), for
+    progress bars."""
+    on_stage = on_stage or (lambda stage: None)
     config = config or ScorerConfig()
     if len(np.unique(train.pids)) < 2:
         raise ValueError("fit_scorer: needs at least two training identities")
@@ -362,6 +367,7 @@ def fit_scorer(train: PartFeatures, nbrs: Neighbourhoods, config: ScorerConfig |
     if labels[valid].all() or not labels[valid].any():
         raise ValueError("fit_scorer: every training neighbour has the same label (all right "
                          "or all wrong); widen the search (k, theta)")
+    on_stage(-1)
     kth_sims = kth_neighbour_similarity(train.features, kth)
     split = _Split(train.features, train.visible, nbrs,
                    _base_features(train, train, nbrs, kth_sims, chunk_size))
@@ -371,6 +377,7 @@ def fit_scorer(train: PartFeatures, nbrs: Neighbourhoods, config: ScorerConfig |
         rng = np.random.default_rng(config.seed)
         sample = np.sort(rng.choice(sample, size=config.max_edges, replace=False))
     for stage in range(config.stages):
+        on_stage(stage)
         if stage:
             prob = np.where(valid, scorer.probability(stage - 1, features), 0.0)
             features = _context(split, train, prob, nbrs, prob, config.gamma,

@@ -19,11 +19,20 @@ OR-GNN's prior node weights, in training as at inference, and the scorer travels
 ``K`` and a threshold calibrated on the training split (:mod:`orgnn.reconstruction.calibration`)
 unless ``theta`` is given.
 
-Before the first step the classifier is imprinted (``classifier_init="imprint"``, the
-default): it starts as the nearest-class-mean classifier of the untrained network's outputs
-(:meth:`~orgnn.ORGNN.imprint_classifier`), so the first gradients refine the reconstruction
-for classes it already separates instead of pulling it towards a random head.
-``"random"`` keeps the small random start.
+The Eq. 7 classifier starts small and random (``classifier_init="random"``, the default):
+its starting loss is about :math:`\ln C`. ``"imprint"`` starts it as the nearest-class-mean
+classifier of the untrained network's outputs (:meth:`~orgnn.ORGNN.imprint_classifier`);
+on real features those class means are unnormalised and large (top-1 logit about 139 on
+cuhk03-parts, a starting loss above :math:`\ln C`), and the first steps damage
+:math:`\mathbf{W}` (see ``docs/results.md``).
+
+By default a batch-hard triplet term on the retrieval distance (SPEC §5) joins Eq. 7
+(``triplet_weight=1``, margin 0.3, as FEN's loss). ``output_bn=True`` retrieves with the
+head's batch-normalised feature instead (the BNNeck convention: the classifier sees
+:math:`\mathrm{BN}(\mathbf{x}^T)`, the triplet sees :math:`\mathbf{x}^T`); it helped
+Eq. 7 alone and made no difference with the triplet term, so it is off.
+The paper's literal configuration is ``triplet_weight=0`` with ``outlier_scorer="none"``,
+``act="relu"`` and ``target_init="mean"``.
 """
 from __future__ import annotations
 
@@ -97,10 +106,10 @@ class TrainConfig:
     outlier_aware: bool = True
     target_init: str = "visible"              # measured best; "mean" is the paper's
     init: str = "identity"
-    classifier_init: str = "imprint"          # measured best; "random" is the usual start
+    classifier_init: str = "random"           # measured best; "imprint": class means
     recon_weight: float = 0.0
     ce_weight: float = 1.0
-    triplet_weight: float = 0.0               # batch-hard triplet on the retrieval distance
+    triplet_weight: float = 1.0               # batch-hard triplet on the retrieval distance
     triplet_margin: float = 0.3
     transform_lr: float = 1.0                 # lr multiplier of W (and its bias)
     output_bn: bool = False                   # retrieve on BN(x^T), the BNNeck feature
@@ -171,8 +180,17 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
 
     ``scorer``: an outlier scorer already fitted on ``train``'s neighbourhoods (with the same
     search settings) to reuse instead of fitting one. The per-step training losses are kept
-    in ``model.loss_history`` (the first one before any step)."""
-    config = resolve_theta(train, config or TrainConfig())
+    in ``model.loss_history`` (the first one before any step). ``progress``: one bar over
+    the stages that take seconds (threshold calibration, the search, the scorer's stages,
+    imprinting), then one over the epochs (none for 0)."""
+    config = config or TrainConfig()
+    scoring = config.outlier_aware and config.outlier_scorer == "learned"
+    stage = _StageBar(progress, calibrate=config.theta is None, search=neighbourhoods is None,
+                      scorer_stages=config.scorer_stages if scoring and scorer is None else 0,
+                      score=scoring, imprint=config.classifier_init == "imprint")
+    if config.theta is None:
+        stage("calibrate theta")
+        config = resolve_theta(train, config)
     if config.classifier_init not in CLASSIFIER_INITS:
         raise ValueError(f"classifier_init must be one of {CLASSIFIER_INITS}, got "
                          f"{config.classifier_init!r}")
@@ -184,6 +202,7 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     if neighbourhoods is None:
+        stage(f"search K={config.k}, theta={config.theta:.3f}")
         neighbourhoods = train_neighbourhoods(train, config)
     _, labels = np.unique(train.pids, return_inverse=True)
     weights = None
@@ -192,8 +211,11 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
     elif scorer is None:
         scorer = fit_scorer(train, neighbourhoods, ScorerConfig(
             stages=config.scorer_stages, steps=config.scorer_steps, gamma=config.scorer_gamma,
-            seed=config.seed))
+            seed=config.seed), on_stage=lambda i: stage(
+                f"scorer stage {i + 1} of {config.scorer_stages}" if i >= 0 else
+                "scorer: edge features"))
     if scorer is not None:
+        stage("scorer: weights")
         prob, _ = score_split(scorer, train, neighbourhoods)
         weights = prior_weights(prob, scorer.gamma)
     model = ORGNN(train.dim, config.hidden_channels or train.dim, train.num_parts,
@@ -221,11 +243,14 @@ def train_orgnn(train: PartFeatures, config: TrainConfig | None = None,
     label_t = torch.from_numpy(labels.astype(np.int64))
     visible = torch.from_numpy(np.asarray(train.visible, dtype=bool))
     if config.classifier_init == "imprint":
+        stage("imprint classifier")
         imprint_classifier(model, features, neighbourhoods, train.visible, label_t, device,
                            node_weight=weights)
+    stage.close()
     model.train()
     model.loss_history = []
-    bar = tqdm(range(config.epochs), desc="train OR-GNN", disable=not progress, unit="epoch")
+    bar = tqdm(range(config.epochs), desc="train OR-GNN", unit="epoch",
+               disable=not progress or config.epochs == 0)
     for epoch in bar:
         total, count = 0.0, 0
         for batch in pk_batches(labels, config.ids_per_batch, config.sets_per_id, rng):
@@ -300,21 +325,76 @@ def imprint_classifier(model: ORGNN, features: np.ndarray, neighbourhoods: Neigh
 # --------------------------------------------------------------------------------------
 # Checkpoints: tensors and plain values only, so torch.load(weights_only=True) reads them.
 # --------------------------------------------------------------------------------------
+#: Levels of the feature-space fingerprint's quantiles (:func:`feature_fingerprint`).
+FINGERPRINT_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
+#: Random image pairs the fingerprint samples.
+FINGERPRINT_PAIRS = 4000
+
+
+def feature_fingerprint(features: np.ndarray, pairs: int = FINGERPRINT_PAIRS,
+                        seed: int = 0) -> list[float]:
+    r"""Quantiles (:data:`FINGERPRINT_LEVELS`) of the part cosine between random image
+    pairs,
+
+    .. math::
+        s(a, b) = \frac{1}{M} \sum_{k=1}^{M} \cos(\mathbf{x}_k(a), \mathbf{x}_k(b)),
+
+    over ``pairs`` seeded pairs of distinct images of ``features`` ``(N, M, D)``. It is what
+    a search threshold :math:`\theta` means in a feature space: on cuhk03-parts the median
+    is 0.21, on mini-mars-parts 0.88 (train, query and gallery of one data set agree within
+    0.02), so a :math:`\theta` calibrated on one is meaningless on the other. Reads only
+    the sampled rows (a memory map stays on disk).
+    """
+    n = len(features)
+    if n < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, n, pairs)
+    b = (a + rng.integers(1, n, pairs)) % n                       # never a == b
+    rows, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    x = np.asarray(features[rows], dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    ia, ib = inverse[:pairs], inverse[pairs:]
+    cos = (x[ia] * x[ib]).sum(-1).mean(-1)
+    return [round(float(q), 4) for q in np.quantile(cos, FINGERPRINT_LEVELS)]
+
+
+def fingerprint_mismatch(checkpoint_quantiles: list[float], data_quantiles: list[float]
+                         ) -> bool:
+    """Whether the data's median pair cosine lies outside the checkpoint's 5-95% band
+    (both from :func:`feature_fingerprint`). Within one data set the medians of its splits
+    lie well inside each other's bands; across networks or data sets they do not."""
+    if len(checkpoint_quantiles) != len(FINGERPRINT_LEVELS) or \
+            len(data_quantiles) != len(FINGERPRINT_LEVELS):
+        return False
+    lo, hi = checkpoint_quantiles[0], checkpoint_quantiles[-1]
+    return not lo <= data_quantiles[len(FINGERPRINT_LEVELS) // 2] <= hi
+
+
 def _config_dict(config: TrainConfig) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v
             for k, v in dataclasses.asdict(config).items()}
 
 
-def save_checkpoint(path: str | os.PathLike, model: ORGNN, config: TrainConfig) -> Path:
-    """Write ``model`` and its training config atomically (temp file, then rename)."""
+def save_checkpoint(path: str | os.PathLike, model: ORGNN, config: TrainConfig,
+                    feature_space: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` and its training config atomically (temp file, then rename).
+
+    ``feature_space``: what the features it was trained on look like, e.g.
+    ``{"pair_cosine_quantiles": feature_fingerprint(train.features), "source": "train.npz"}``;
+    ``orgnn reconstruct`` warns when the data it is given looks otherwise. Defaults to
+    ``model.feature_space`` when the model has one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = _checkpoint_payload(model, config)
+    if feature_space is None:
+        feature_space = getattr(model, "feature_space", None)
+    payload = _checkpoint_payload(model, config, feature_space)
     atomic_write(path, lambda handle: torch.save(payload, handle))  # mode 0o666 & ~umask
     return path
 
 
-def _checkpoint_payload(model: ORGNN, config: TrainConfig) -> dict[str, Any]:
+def _checkpoint_payload(model: ORGNN, config: TrainConfig,
+                        feature_space: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "format": CHECKPOINT_FORMAT,
         "model": {"in_channels": model.in_channels, "hidden_channels": model.hidden_channels,
@@ -325,33 +405,86 @@ def _checkpoint_payload(model: ORGNN, config: TrainConfig) -> dict[str, Any]:
                   "output_bn": model.output_bn},
         "scorer": None if model.scorer is None else model.scorer.config(),
         "config": _config_dict(config),
+        "feature_space": feature_space,     # absent in older checkpoints: None on load
         "state_dict": model.state_dict(),
     }
 
 
+def describe_file(path: str | os.PathLike) -> str:
+    """What ``path`` holds, judged by its first bytes: "a NumPy .npz archive", "a PNG
+    image", "empty", ... (for messages about files that are not what was expected)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a damaged zip archive"
+        if names and all(n.endswith(".npy") for n in names):
+            return "a NumPy .npz archive"
+        if any(n.endswith("data.pkl") for n in names):
+            return "a torch.save file"
+        return "a zip archive"
+    kinds = {b"\x93NUMPY": "a NumPy .npy array", b"\x89PNG": "a PNG image",
+             b"\x1f\x8b": "a gzip file", b"\xff\xd8\xff": "a JPEG image",
+             b"%PDF": "a PDF document", b"\x89HDF": "an HDF5 file"}
+    for magic, kind in kinds.items():
+        if head.startswith(magic):
+            return kind
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{path.stat().st_size} bytes of unrecognised binary data"
+    return "a JSON text file" if text.lstrip().startswith(("{", "[")) else "a text file"
+
+
+_EXPECTED = "expected a torch.save file from `orgnn train`"
+
+
 def load_checkpoint(path: str | os.PathLike,
                     device: str | torch.device = "cpu") -> tuple[ORGNN, TrainConfig]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    The model carries ``train_config`` and ``feature_space`` (``None`` for checkpoints
+    written before fingerprints existed)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
+    what = describe_file(path)
+    if what == "a damaged zip archive":  # torch.save writes zip archives: cut short?
+        raise CheckpointError(f"checkpoint {path}: corrupted or truncated, cannot be read "
+                              f"({what}; {_EXPECTED})")
+    if what not in ("a torch.save file", "a pickle file"):
+        raise CheckpointError(f"checkpoint {path}: {what}, not an orgnn checkpoint "
+                              f"({_EXPECTED})")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path}: corrupted or truncated, cannot be read "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-                              ) from None
+        raise CheckpointError(f"checkpoint {path}: {what} but corrupted or truncated, cannot "
+                              f"be read ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:120]})") from None
     except Exception as err:  # unpickling refused: not a plain-tensor checkpoint
-        raise CheckpointError(f"checkpoint {path}: not an orgnn checkpoint "
-                              f"({type(err).__name__})") from None
+        raise CheckpointError(f"checkpoint {path}: {what} holding Python objects that "
+                              f"weights_only=True refuses ({type(err).__name__}), not an "
+                              f"orgnn checkpoint ({_EXPECTED})") from None
     return _model_from_payload(payload, str(path), device)
 
 
 def _model_from_payload(payload: Any, path: str, device: str | torch.device = "cpu"
                         ) -> tuple[ORGNN, TrainConfig]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path}: not an orgnn checkpoint (expected format "
-                              f"{CHECKPOINT_FORMAT!r})")
+        kind = type(payload).__name__
+        keys = f" with keys {sorted(map(str, payload))[:5]}" if isinstance(payload, dict) \
+            else ""
+        raise CheckpointError(f"checkpoint {path}: a torch.save file of a {kind}{keys}, not "
+                              f"an orgnn checkpoint (expected format {CHECKPOINT_FORMAT!r}, "
+                              f"written by `orgnn train`)")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()
            if k in fields}
@@ -365,7 +498,36 @@ def _model_from_payload(payload: Any, path: str, device: str | torch.device = "c
                               f"({str(err).splitlines()[0][:160]})") from None
     config = TrainConfig(**raw)
     model.train_config = config                   # its calibrated theta guides the search
+    model.feature_space = payload.get("feature_space")  # None: an older checkpoint
     return model.eval(), config
+
+
+class _StageBar:
+    """One ``tqdm`` bar over :func:`train_orgnn`'s stages: ``stage(name)`` ends the running
+    stage and shows ``name`` as the one now running. Stages not announced are skipped."""
+
+    def __init__(self, progress: bool, calibrate: bool, search: bool, scorer_stages: int,
+                 score: bool, imprint: bool) -> None:
+        # stages to fit (and the edge features before them), then scoring the split
+        total = int(calibrate) + int(search) + (scorer_stages + 1 if scorer_stages else 0) \
+            + int(score) + int(imprint)
+        self.bar = tqdm(total=total, desc="OR-GNN training", unit="stage",
+                        disable=not progress or total == 0,
+                        bar_format="{desc} {n_fmt}/{total_fmt} stages [{elapsed}]{postfix}")
+        self.running = False
+
+    def __call__(self, name: str) -> None:
+        if self.running:
+            self.bar.update()
+        self.running = True
+        self.bar.set_postfix_str(name)
+
+    def close(self) -> None:
+        if self.running:
+            self.bar.update()
+            self.bar.set_postfix_str("done")
+        self.running = False
+        self.bar.close()
 
 
 def train_orgnn_once(train: PartFeatures, config: TrainConfig | None = None,
@@ -383,7 +545,8 @@ def train_orgnn_once(train: PartFeatures, config: TrainConfig | None = None,
     if distributed.is_main():
         model = train_orgnn(train, config, progress=progress)
         buffer = io.BytesIO()
-        torch.save(_checkpoint_payload(model, model.train_config), buffer)
+        torch.save(_checkpoint_payload(model, model.train_config,
+                                       getattr(model, "feature_space", None)), buffer)
         blob = buffer.getvalue()
     blob = distributed.broadcast_bytes(blob)
     if model is not None:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from orgnn.cli.args import float_range, input_dir, int_range, output_dir
+from orgnn.cli.args import device, float_range, input_dir, int_range, output_dir
 
 __all__ = ["register"]
 
@@ -25,7 +25,7 @@ def _add_common(p: argparse.ArgumentParser, dataset: bool = True) -> None:
         p.add_argument("--dataset", required=True, choices=_DATASETS,
                        help="dataset layout of --dataset-dir")
     p.add_argument("--dataset-dir", required=True, metavar="DIR", help="dataset folder")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", default="auto", type=device,
                    help="'auto' (CUDA if available, default), 'cpu', 'cuda', 'cuda:1' ...")
     p.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                    help="unreadable/truncated image: stop naming it (default) or report and "

@@ -196,8 +196,8 @@ def test_empty_graph_and_nodes_without_edges():
                                                        bipartite=True), atol=1e-5, rtol=1e-4)
     dense = _conv(DenseORGNNConv, 8, 6)
     assert dense(torch.rand(2, 0, 8)).size() == (2, 0, 6)
-    out = dense(_rand(3, 8), torch.zeros(3, 3))
-    torch.testing.assert_close(out, F.relu(dense.lin.bias).expand(3, 6))
+    out = dense(_rand(3, 8), torch.zeros(3, 3))                 # unbatched: (1, N, F)
+    torch.testing.assert_close(out, F.relu(dense.lin.bias).expand(1, 3, 6))
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_k_neighbours_into_one_target_equal_the_complete_graph_target_row(k):
     # the target's row of the dense layer on the complete graph, too
     dense = DenseORGNNConv(16, 16)
     dense.load_state_dict(conv.state_dict())
-    torch.testing.assert_close(dense(x)[0], complete, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dense(x)[0, 0], complete, atol=1e-6, rtol=1e-5)
 
 
 def _random_graph(num_src, num_dst, num_edges, seed, bipartite):
@@ -391,12 +391,13 @@ def test_dense_broadcasting_of_adjacency_and_mask():
     path = torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0]])
     masked = conv(x, path, torch.tensor([1.0, 1.0, 0.0]))               # (N,) float mask
     for b in range(8):
-        torch.testing.assert_close(masked[b], conv(x[b], path, torch.tensor([1, 1, 0])))
+        torch.testing.assert_close(masked[b], conv(x[b], path, torch.tensor([1, 1, 0]))[0])
     assert masked[:, 2].abs().sum() == 0
     torch.testing.assert_close(conv(x, mask=torch.tensor([1, 1, 0])), conv(x, path.new_ones(
         3, 3) - torch.eye(3, dtype=path.dtype), torch.tensor([True, True, False])))
-    # a 2-D input is one graph, with a (N, N) adjacency and an (N,) mask
-    torch.testing.assert_close(conv(x[0], path), conv(x[:1], path[None])[0])
+    # a 2-D input is one graph, with a (N, N) adjacency and an (N,) mask: (1, N, F) out,
+    # as PyG's DenseGATConv
+    torch.testing.assert_close(conv(x[0], path), conv(x[:1], path[None]))
 
 
 def test_dense_without_adjacency_forms_no_pairwise_feature_tensor():
@@ -423,7 +424,7 @@ def test_act_none_gives_the_pre_activation_output(cls):
     module = _conv(cls, 8, 8, act=torch.nn.Tanh())
     h = pre(x, *args)
     assert (h < 0).any()                                   # outputs a ReLU would kill
-    expected = orgnn_layer_loop(x, *_params(pre))           # the loop applies ReLU
+    expected = orgnn_layer_loop(x, *_params(pre)).view_as(h)  # the loop applies ReLU
     torch.testing.assert_close(F.relu(h), expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(default(x, *args), F.relu(h))
     torch.testing.assert_close(leaky(x, *args), F.leaky_relu(h, 0.2))
@@ -446,7 +447,8 @@ def test_lazy_in_channels(cls):
     x = _rand(5, 8)
     args = (complete_edge_index([5]),) if cls is ORGNNConv else ()
     out = lazy(x, *args)
-    assert out.size() == (5, 6) and lazy.lin.in_channels == 8 and lazy.att.in_channels == 8
+    assert out.size() == ((5, 6) if cls is ORGNNConv else (1, 5, 6))
+    assert lazy.lin.in_channels == 8 and lazy.att.in_channels == 8
     eager = cls(8, 6)
     eager.load_state_dict(lazy.state_dict())
     torch.testing.assert_close(eager(x, *args), out)
@@ -456,13 +458,14 @@ def test_lazy_in_channels(cls):
             2, 6)
 
 
-def test_to_hetero_with_edges_between_node_types():
+@pytest.mark.parametrize("in_channels", [-1, (-1, -1)])   # (-1, -1): the GATConv habit
+def test_to_hetero_with_edges_between_node_types(in_channels):
     from torch_geometric.nn import to_hetero
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = ORGNNConv(-1, 6, act=None)
+            self.conv = ORGNNConv(in_channels, 6, act=None)
 
         def forward(self, x, edge_index):
             return self.conv(x, edge_index)
@@ -533,3 +536,100 @@ def test_torch_compile_bipartite_and_dense_adjacency_without_graph_breaks():
         torch._dynamo.reset()
         torch.testing.assert_close(torch.compile(module)(*args), module(*args), atol=1e-5,
                                    rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# PyG habits (issue 21): (in_src, in_dst) pairs, weighted dense adjacencies, unbatched
+# dense input, no CSR beta warning
+# ---------------------------------------------------------------------------------------
+def test_in_channels_pair_as_gatconv():
+    from torch_geometric.nn import GATConv
+
+    x_src, x_dst = _rand(6, 8) - 0.3, _rand(3, 8, seed=2) - 0.3
+    ei = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2]])
+    eager = _conv(ORGNNConv, 8, 6)
+    expected = orgnn_general_loop(x_src, x_dst, _edges(ei), *_params(eager), bipartite=True)
+    for in_channels in ((8, 8), (-1, -1), (-1, 8), (8, -1)):
+        GATConv(in_channels, 6, add_self_loops=False)((x_src, x_dst), ei)  # what PyG takes
+        conv = ORGNNConv(in_channels, 6)
+        assert str(conv) == f"ORGNNConv({in_channels}, 6)"
+        out = conv((x_src, x_dst), ei)                                  # lazy ones build here
+        assert out.shape == (3, 6) and conv.att.in_channels == 8
+        conv.load_state_dict(eager.state_dict())
+        torch.testing.assert_close(conv((x_src, x_dst), ei), expected, atol=1e-5, rtol=1e-4)
+    lazy = ORGNNConv((-1, -1), 64)                                      # one node set too
+    assert lazy(x_src, complete_edge_index([6])).shape == (6, 64)
+    # different widths: Eq. 4 and Eq. 6 are undefined; refused when built, and when fed
+    with pytest.raises(ValueError, match=r"in_channels \(8, 5\).*same width"):
+        ORGNNConv((8, 5), 6)
+    with pytest.raises(ValueError, match="same size.*got 8 and 5"):
+        ORGNNConv((-1, -1), 6)((x_src, _rand(3, 5)), ei)
+
+
+@pytest.mark.parametrize("outlier_aware", [True, False])
+def test_dense_weighted_adjacency_is_its_pattern_as_densegatconv(outlier_aware):
+    """Non-zero = edge, whatever the value (DenseGATConv's rule); equal to the binary
+    adjacency and to ORGNNConv on the same edges (whose sparse adj_t values are ignored
+    alike), on a padded batch of two graphs."""
+    from torch_geometric.utils import to_dense_adj
+
+    sparse = _conv(ORGNNConv, 8, 6, outlier_aware=outlier_aware)
+    dense = DenseORGNNConv(8, 6, outlier_aware=outlier_aware)
+    dense.load_state_dict(sparse.state_dict())
+    graphs = [_rand(5, 8, seed=1) - 0.3, _rand(3, 8, seed=2) - 0.3]
+    eis = [_random_graph(5, 5, 12, seed=7, bipartite=False),
+           _random_graph(3, 3, 5, seed=8, bipartite=False)]
+    x, mask = pad(graphs)
+    binary = torch.zeros(2, 5, 5)
+    weighted = torch.zeros(2, 5, 5)
+    for b, ei in enumerate(eis):
+        w = torch.linspace(-3.0, 5.0, ei.size(1)) + 0.01            # negative, large, never 0
+        n = len(graphs[b])
+        binary[b, :n, :n] = to_dense_adj(ei.flip(0), max_num_nodes=n)[0]
+        weighted[b, ei[1], ei[0]] = w
+    assert set(weighted.unique().tolist()) - {0.0, 1.0}                # truly weighted
+    out = dense(x, weighted, mask)
+    torch.testing.assert_close(out, dense(x, binary, mask))
+    for b, (g, ei) in enumerate(zip(graphs, eis)):
+        expected = sparse(g, ei)
+        torch.testing.assert_close(out[b, :len(g)], expected, atol=1e-5, rtol=1e-4)
+        adj_t = torch.sparse_coo_tensor(ei.flip(0), torch.linspace(-3.0, 5.0, ei.size(1))
+                                        + 0.01, (len(g), len(g)))
+        torch.testing.assert_close(sparse(g, adj_t), expected, atol=1e-5, rtol=1e-4)
+    assert out[1, 3:].abs().sum() == 0                                # padded rows
+
+
+def test_dense_unbatched_input_gives_one_graph_batch_as_pyg():
+    from torch_geometric.nn import DenseGATConv
+
+    x, adj = _rand(4, 8), torch.ones(4, 4)
+    ours = _conv(DenseORGNNConv, 8, 6)
+    assert DenseGATConv(8, 6)(x, adj).shape == (1, 4, 6)
+    out, alpha = ours(x, adj, return_attention_weights=True)
+    assert out.shape == (1, 4, 6) and alpha.shape == (1, 4, 4)
+    torch.testing.assert_close(out, ours(x[None], adj[None]))
+    assert ours(x).shape == (1, 4, 6)                                 # complete-graph route
+
+
+def test_no_csr_beta_warning_from_the_layer_and_no_global_filter():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import warnings, torch
+warnings.simplefilter("always")
+from orgnn import ORGNNConv
+csr_filters = [f for f in warnings.filters if f[1] is not None and "CSR" in f[1].pattern]
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    with torch.no_grad():                               # the CSR rendering
+        ORGNNConv(8, 8)(torch.rand(4, 8), torch.tensor([[0, 1, 2], [1, 2, 3]]))
+print(len(csr_filters), [str(w.message) for w in seen if "CSR" in str(w.message)])
+"""
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=repo, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "0 []", proc.stdout
+    assert "Sparse CSR tensor support is in beta" not in proc.stderr

@@ -109,8 +109,9 @@ def test_sparse_equals_dense_and_state_dicts_interchange():
 def test_dense_accepts_2d_input_and_no_mask():
     conv = _random_conv(DenseORGNNConv, 8, 8)
     g = _graphs([5], 8)[0]
-    torch.testing.assert_close(conv(g), conv(g.unsqueeze(0))[0])
-    torch.testing.assert_close(conv(g), orgnn_layer_loop(g, *_params(conv)), atol=1e-5,
+    assert conv(g).shape == (1, 5, 8)                  # one graph, batched (as PyG)
+    torch.testing.assert_close(conv(g), conv(g.unsqueeze(0)))
+    torch.testing.assert_close(conv(g)[0], orgnn_layer_loop(g, *_params(conv)), atol=1e-5,
                                rtol=1e-4)
 
 
@@ -134,7 +135,7 @@ def test_permuting_nodes_permutes_output():
     conv = _random_conv(DenseORGNNConv, 8, 6)
     x = _graphs([9], 8)[0]
     perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(conv(x[perm]), conv(x)[perm], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(conv(x[perm])[0], conv(x)[0, perm], atol=1e-6, rtol=1e-5)
     sparse = _random_conv(ORGNNConv, 8, 6)
     ei = complete_edge_index([9])
     inverse = torch.empty_like(perm)
@@ -159,7 +160,7 @@ def test_degenerate_inputs_give_finite_outputs(case):
     else:
         ei = complete_edge_index([x.shape[0]])
         out = sparse(x, ei)
-        torch.testing.assert_close(dense(x), out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(dense(x)[0], out, atol=1e-4, rtol=1e-4)
     assert torch.isfinite(out).all()
     if case == "identical":  # every affinity and confidence equal: the mean is the node
         torch.testing.assert_close(out, torch.relu(sparse.lin(x)), atol=1e-5, rtol=1e-5)
@@ -308,8 +309,13 @@ def test_errors_name_the_problem():
         dense(torch.rand(2, 3, 8), mask=torch.full((2, 3), 0.5))
     with pytest.raises(ValueError, match=r"adj must have shape \(2, 3, 3\).*node mask goes in"):
         dense(torch.rand(2, 3, 8), torch.ones(2, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="adj must hold only 0 and 1, found 2"):
-        dense(torch.rand(2, 3, 8), torch.full((3, 3), 2.0))
+    with pytest.raises(ValueError, match="adj contains 1 non-finite value"):
+        dense(torch.rand(2, 3, 8), torch.eye(3).index_put_((torch.tensor(0),) * 2,
+                                                            torch.tensor(float("nan"))))
+    with pytest.raises(ValueError, match=r"in_channels \(8, 5\): senders and receivers"):
+        ORGNNConv((8, 5), 4)
+    with pytest.raises(TypeError, match="in_channels must be an int or a pair"):
+        ORGNNConv((8, 8, 8), 4)
     bad = x.clone()
     bad[2, 5] = float("nan")
     with pytest.raises(ValueError, match=r"non-finite value.*nan at \(dim 0=2, dim 1=5\)"):
