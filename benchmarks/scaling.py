@@ -308,43 +308,422 @@ def duke_devices(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def torchrun_row(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
+    """`orgnn reconstruct` of the Occluded-Duke-sized world with the default checkpoint
+    (the learned scorer; :func:`train_checkpoint`) in one process and under ``torchrun``
+    with 2 ranks (gloo), one thread per process in both: wall time, every rank's CPU
+    seconds per stage against the single process', and the output files compared byte for
+    byte."""
     from orgnn.datasets import synthetic_preset
     from orgnn.io.features import save_split_dir
-    from orgnn.nn import ORGNN
-    from orgnn.reconstruction.training import TrainConfig, save_checkpoint
 
     work = Path(args.workdir) / "torchrun"
     data = work / "data"
     splits = synthetic_preset("occluded_duke", seed=0)
-    save_split_dir(data, {"query": splits["query"], "gallery": splits["gallery"]})
-    torch.manual_seed(0)
-    model = ORGNN(256, 256, num_parts=6, num_layers=2, init="glorot", target_init="visible")
-    ckpt = save_checkpoint(work / "model.pt", model, TrainConfig(target_init="visible"))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    row: dict[str, Any] = {"queries": len(splits["query"]), "gallery": len(splits["gallery"])}
-    outs = {}
+    if not (data / "gallery.npz").exists():
+        save_split_dir(data, {"query": splits["query"], "gallery": splits["gallery"]})
+    ckpt, _ = train_checkpoint(args)
+    row: dict[str, Any] = {"queries": len(splits["query"]), "gallery": len(splits["gallery"]),
+                           "threads_per_process": 1}
+    outs, stages = {}, {}
     for nproc in (1, 2):
-        out = work / f"out{nproc}"
-        cli = ["-m", "orgnn.cli", "reconstruct", "--data", str(data), "--checkpoint",
-               str(ckpt), "--out", str(out), "--theta", "0.7", "--quiet"]
-        if nproc == 1:
-            cmd = [sys.executable, *cli]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={nproc}", *cli]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=_common.REPO, env=env, capture_output=True, text=True)
-        row[f"wall_s_{nproc}"] = time.perf_counter() - t0
-        if proc.returncode:
-            raise RuntimeError(proc.stderr[-2000:])
-        row[f"command_{nproc}"] = " ".join(cmd).replace(sys.executable, "python")
+        out, t = work / f"out{nproc}", work / f"t{nproc}.json"
+        cli = ["reconstruct", "--data", str(data), "--checkpoint", str(ckpt), "--out",
+               str(out), "--quiet", "--timings", str(t)]
+        _, row[f"wall_s_{nproc}"], row[f"cpu_s_{nproc}"] = _cli(
+            cli, {"OMP_NUM_THREADS": "1"}, nproc)
+        stages[nproc] = json.loads(t.read_text())["ranks"]
         outs[nproc] = out
+    row["stages_1"] = stages[1][0]
+    row["stages_2"] = stages[2]
+    row["rank_cpu_share"] = {
+        stage: [round(r[stage]["cpu_s"] / max(v["cpu_s"], 1e-9), 3) for r in stages[2]]
+        for stage, v in stages[1][0].items() if v["cpu_s"] >= 0.5}
     row["identical_files"] = all((outs[1] / n).read_bytes() == (outs[2] / n).read_bytes()
                                  for n in ("query.npz", "gallery.npz"))
-    print(f"orgnn reconstruct, occluded_duke: 1 process {row['wall_s_1']:.1f} s, torchrun x2 "
-          f"{row['wall_s_2']:.1f} s; output files identical: {row['identical_files']}")
+    print(f"orgnn reconstruct, occluded_duke, default checkpoint: 1 process "
+          f"{row['wall_s_1']:.1f} s, torchrun x2 {row['wall_s_2']:.1f} s; each rank's CPU "
+          f"share per stage {row['rank_cpu_share']}; output files identical: "
+          f"{row['identical_files']}")
+    return row
+
+
+# --------------------------------------------------------------------------------------
+# The default method through the CLI: `orgnn train`, then `orgnn reconstruct`
+# --------------------------------------------------------------------------------------
+TRAIN_IDS = 400          # training identities (10 images each), disjoint from the gallery's
+
+
+def write_cli_world(workdir: Path, size: int, num_queries: int, seed: int = 0) -> Path:
+    """``DIR/{query,gallery}.npz`` part-feature files (SPEC §7) of the synthetic world of
+    ``size`` gallery images (float16, uncompressed: mapped by `orgnn reconstruct`), made
+    from :func:`write_world`'s gallery file chunk by chunk; reused when present."""
+    from orgnn.io.features import PartFeatures, save_part_features
+
+    folder = workdir / f"cli_{size}_s{seed}_{WORLD_VERSION}"
+    if (folder / "gallery.npz").exists():
+        return folder
+    gallery, query, visible, _ = write_world(workdir, size, num_queries, seed)
+    rng = np.random.default_rng([seed, 13])
+    q_ids = rng.integers(0, max(1, -(-size // IMAGES_PER_ID)), num_queries)  # as write_world
+    folder.mkdir(parents=True, exist_ok=True)
+    save_part_features(folder / "query.npz", PartFeatures(
+        query, visible.astype(np.float32), q_ids.astype(np.int64),
+        np.full(num_queries, 2, np.int64)))
+    ids = np.arange(size) // IMAGES_PER_ID
+    save_part_features(folder / "gallery.npz", PartFeatures(
+        gallery, np.ones((size, PARTS), np.float32), ids.astype(np.int64),
+        (np.arange(size) % 2).astype(np.int64)))
+    return folder
+
+
+def write_cli_train(workdir: Path, seed: int = 0) -> Path:
+    """``DIR/train.npz``: :data:`TRAIN_IDS` identities of their own (ids beyond any
+    gallery's), half of the images occluded as the queries are."""
+    from orgnn.io.features import PartFeatures, save_part_features
+
+    folder = workdir / f"cli_train_s{seed}_{WORLD_VERSION}"
+    if (folder / "train.npz").exists():
+        return folder
+    ids = (10 ** 8 + np.arange(TRAIN_IDS * IMAGES_PER_ID) // IMAGES_PER_ID).astype(np.int64)
+    x = _images(ids, seed, 17)
+    rng = np.random.default_rng([seed, 17])
+    visible = np.where(rng.random(len(ids))[:, None] < 0.5,
+                       PATTERNS[rng.integers(0, len(PATTERNS), len(ids))], 1.0)
+    noise = np.abs(rng.standard_normal(x.shape, dtype=np.float32)).astype(np.float16)
+    x = np.where(visible[:, :, None] > 0, x, noise)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_part_features(folder / "train.npz", PartFeatures(
+        x, visible.astype(np.float32), ids - 10 ** 8, (np.arange(len(ids)) % 2).astype(
+            np.int64)))
+    return folder
+
+
+def _cli(args_: list[str], env: dict | None = None, nproc: int = 1
+         ) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``orgnn ARGS`` (under torchrun with ``nproc`` > 1); ``(process, wall s, CPU s
+    of the children)``."""
+    import resource
+
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "orgnn.cli", *args_]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "orgnn.cli", *args_]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=_common.REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc, wall, cpu
+
+
+def train_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """`orgnn train` with its defaults (the learned scorer) on the synthetic training
+    split; reused when present."""
+    work = Path(args.workdir)
+    data = write_cli_train(work, args.seed)
+    ckpt = work / f"default_s{args.seed}_{WORLD_VERSION}.pt"
+    row: dict[str, Any] = {"train_images": TRAIN_IDS * IMAGES_PER_ID}
+    if not ckpt.exists():
+        _, row["wall_s"], row["cpu_s"] = _cli(["train", "--data", str(data), "--out",
+                                               str(ckpt), "--quiet"])
+        print(f"orgnn train: {row['wall_s']:.1f} s ({row['cpu_s']:.1f} CPU s)", flush=True)
+    return ckpt, row
+
+
+def _exact_kth(sample: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    """``(S, M)``: per part, the exact cosine of gallery items ``sample`` to their k-th
+    nearest other gallery item (streamed through the gallery, one chunk at a time)."""
+    from orgnn.io.storage import iter_rows
+    from orgnn.retrieval.search import _normalise
+
+    q = _normalise(np.asarray(gallery[sample], np.float32))            # (S, M, D)
+    best = np.full((len(sample), PARTS, k + 1), -np.inf, np.float32)
+    for g0, chunk in iter_rows(gallery):
+        sims = np.einsum("smd,gmd->smg", q, _normalise(chunk))
+        own = sample - g0
+        inside = (own >= 0) & (own < len(chunk))
+        sims[np.flatnonzero(inside), :, own[inside]] = -np.inf
+        best = -np.partition(-np.concatenate([best, sims], -1), k, axis=-1)[..., :k + 1]
+    return -np.partition(-best, k - 1, axis=-1)[..., k - 1]
+
+
+def cli_row(size: int, ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """`orgnn reconstruct` of ``size`` gallery images and the queries with the default
+    checkpoint (``--index`` as given: ivfpq for the scaling figure), its stage timings
+    (wall, CPU, peak RSS), and, on samples, the recall of the neighbourhoods and the error
+    of the k-th similarities against the exact ones."""
+    from orgnn.io.storage import map_npz_member
+    from orgnn.reconstruction.training import load_checkpoint
+    from orgnn.retrieval.search import kth_part_similarity, search_neighbourhoods
+
+    work = Path(args.workdir)
+    data = write_cli_world(work, size, args.queries, args.seed)
+    out = work / f"cli_out_{size}_{args.cli_index}"
+    timings = work / f"cli_timings_{size}_{args.cli_index}.json"
+    _, wall, cpu = _cli(["reconstruct", "--data", str(data), "--checkpoint", str(ckpt),
+                         "--out", str(out), "--index", args.cli_index, "--quiet",
+                         "--timings", str(timings)])
+    t = json.loads(timings.read_text())
+    row: dict[str, Any] = {"gallery": size, "queries": args.queries, "index": args.cli_index,
+                           "k": t["k"], "theta": t["theta"], "wall_s": wall, "cpu_s": cpu,
+                           "stages": t["stages"],
+                           "peak_rss_mib": max(v["peak_rss_mib"] for v in t["stages"].values())}
+    items = size + args.queries
+    row["wall_ms_per_item"] = 1e3 * wall / items
+    row["cpu_ms_per_item"] = 1e3 * cpu / items
+    print(f"G={size} ({args.cli_index}): {wall:.0f} s wall, {cpu:.0f} CPU s "
+          f"({row['cpu_ms_per_item']:.2f} CPU ms per item), peak RSS "
+          f"{row['peak_rss_mib']:.0f} MiB; " + ", ".join(
+              f"{k} {v['cpu_s']:.0f}" for k, v in t["stages"].items()), flush=True)
+    # recall of the neighbourhoods and the k-th similarity error, on samples
+    gallery = map_npz_member(data / "gallery.npz", "features")
+    with np.load(data / "query.npz") as z:
+        query, q_vis = z["features"], z["visibility"]
+    model, _ = load_checkpoint(ckpt)
+    rng = np.random.default_rng(5)
+    n = min(args.recall_queries or 200, size)
+    sample = np.sort(rng.choice(size, n, replace=False))
+    g_vis = np.ones((n, PARTS), np.float32)
+    kw = dict(k=t["k"], theta=t["theta"])
+    for name, feats, vis, excl in (("query", query[:n], q_vis[:n], None),
+                                   ("gallery", np.asarray(gallery[sample]), g_vis, sample)):
+        exact = search_neighbourhoods(feats, vis, gallery, device="cpu", exclude=excl, **kw)
+        approx = search_neighbourhoods(feats, vis, gallery, index=args.cli_index,
+                                       exclude=excl, **kw)
+        row[f"{name}_recall"] = recall(exact.index, approx.index)
+    exact_kth = _exact_kth(sample, gallery, model.scorer.kth)
+    approx_kth = kth_part_similarity(np.asarray(gallery[sample]), gallery, model.scorer.kth,
+                                     exclude=sample, index=args.cli_index)
+    err = exact_kth - approx_kth
+    row["kth_error"] = {"mean": float(err.mean()), "p99": float(np.quantile(err, 0.99)),
+                        "max": float(err.max()), "exact_share": float((err < 1e-5).mean())}
+    print(f"  recall@{t['k']}: query {row['query_recall']:.3f}, gallery "
+          f"{row['gallery_recall']:.3f}; k-th similarity error mean "
+          f"{row['kth_error']['mean']:.4f} (p99 {row['kth_error']['p99']:.4f})", flush=True)
+    return row
+
+
+def sampled_row(size: int, ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The stages of `orgnn reconstruct --index ivfpq` (the same library calls, in this
+    process) on a gallery of ``size`` items, with the per-item stages timed on
+    ``--sample`` gallery items instead of all of them: the index is built for the whole
+    gallery, the queries are searched in full, and ``sample`` gallery items are searched
+    (their own neighbourhoods), given their k-th similarities, scored and reconstructed.
+    The scorer's overlap features read every neighbour's own neighbourhood and previous
+    probabilities; random lists of the same shape stand in for those of the rest of the
+    gallery (the work per item does not depend on their content). CPU seconds
+    per item times ``G + Q`` states the whole run's CPU time; recall and the k-th error
+    are measured on the sample against the exact values."""
+    from orgnn.io.features import PartFeatures
+    from orgnn.reconstruction import pipeline
+    from orgnn.reconstruction.graphs import graph_batch_size
+    from orgnn.reconstruction.outliers import (
+        context_features,
+        edge_features,
+        feature_rows,
+        prior_weights,
+    )
+    from orgnn.reconstruction.training import SearchConfig, load_checkpoint
+    from orgnn.retrieval.search import (
+        Neighbourhoods,
+        kth_part_similarity,
+        search_neighbourhoods,
+    )
+
+    gallery_x, query_x, q_vis, gen_s = write_world(Path(args.workdir), size, args.queries,
+                                                   args.seed)
+    gallery = PartFeatures(gallery_x, np.ones((size, PARTS), np.float32),
+                           (np.arange(size) // IMAGES_PER_ID).astype(np.int64),
+                           (np.arange(size) % 2).astype(np.int64))
+    model, _ = load_checkpoint(ckpt)
+    cfg = pipeline.resolve_search(SearchConfig(index="ivfpq"), model)
+    n = min(args.sample, size)
+    sample = np.sort(np.random.default_rng(5).choice(size, n, replace=False))
+    row: dict[str, Any] = {"gallery": size, "queries": args.queries, "sample": n,
+                           "k": cfg.k, "theta": cfg.theta, "generate_s": gen_s,
+                           "stage_s": {}, "stage_cpu_s": {}, "stage_peak_mib": {},
+                           "stage_rss_peak_mib": {}}
+
+    @contextmanager
+    def stage(name: str):
+        cpu = time.process_time()
+        with measured(row, name):
+            yield
+        row["stage_cpu_s"][name] = time.process_time() - cpu
+        print(f"  G={size} {name}: {row['stage_cpu_s'][name]:.1f} CPU s, RSS peak "
+              f"{row['stage_rss_peak_mib'][name]:.0f} MiB", flush=True)
+
+    cache: dict = {}
+    kw = dict(k=cfg.k, theta=cfg.theta, index="ivfpq", index_cache=cache)
+    with stage("index_build"):
+        search_neighbourhoods(query_x[:1], q_vis[:1], gallery_x, **kw)
+    with stage("search"):
+        q_nbrs = search_neighbourhoods(query_x, q_vis, gallery_x, **kw)
+    s_feats, s_vis = np.asarray(gallery_x[sample]), np.ones((n, PARTS), np.float32)
+    with stage("gallery_search"):
+        s_nbrs = search_neighbourhoods(s_feats, s_vis, gallery_x, exclude=sample, **kw)
+    with stage("kth"):
+        kth_s = kth_part_similarity(s_feats, gallery_x, model.scorer.kth, exclude=sample,
+                                    index="ivfpq", index_cache=cache)
+    # What the sample's scoring reads of the rest of the gallery (its neighbours' own
+    # neighbourhoods, k-th values and previous probabilities) is, in a whole run, the
+    # gallery's own results; here random lists of the same shape stand in for them (their
+    # content does not change the work).
+    g_index = np.random.default_rng(6).integers(0, size, (size, cfg.k))
+    g_index[sample] = s_nbrs.index
+    g_parts = np.zeros((size, PARTS), bool)
+    g_parts[:, :2] = True
+    g_nbrs = Neighbourhoods(g_index, np.full((size, cfg.k), 0.5, np.float32), g_parts)
+    kth = np.zeros((size, PARTS), np.float32)
+    kth[sample] = kth_s
+    scorer = model.scorer
+    g_prob = np.random.default_rng(7).random((size, cfg.k)).astype(np.float32)
+    with stage("score"):  # what score_split does per target chunk, for the sample alone
+        prob = np.zeros(s_nbrs.index.shape, np.float32)
+        rows = feature_rows(cfg.k, cfg.k, PARTS, DIM)
+        for c0 in range(0, n, rows):
+            sl = slice(c0, min(c0 + rows, n))
+            nb = Neighbourhoods(s_nbrs.index[sl], s_nbrs.score[sl], s_nbrs.search_parts[sl])
+            base = edge_features(s_feats[sl], gallery_x, gallery.visible, nb, kth, s_vis[sl])
+            p = scorer.probability(0, base)
+            for st in range(1, scorer.stages):
+                ctx = context_features(s_feats[sl], s_vis[sl], gallery_x, nb, p, g_nbrs,
+                                       g_prob, scorer.gamma, scorer.self_weight)
+                p = scorer.probability(st, np.concatenate([base, ctx], -1))
+            prob[sl] = p
+    batch = graph_batch_size(cfg.k, PARTS, DIM, getattr(model, "hidden_channels", None))
+    with stage("reconstruct"):
+        out = pipeline.reconstruct(model, s_feats, gallery_x, s_nbrs, batch,
+                                   target_visibility=s_vis,
+                                   node_weight=prior_weights(prob, model.scorer.gamma))
+    assert np.isfinite(out).all()
+    per_item = {name: row["stage_cpu_s"][name] / n
+                for name in ("gallery_search", "kth", "score", "reconstruct")}
+    row["cpu_ms_per_gallery_item"] = {k: 1e3 * v for k, v in per_item.items()}
+    row["cpu_s_estimate"] = (row["stage_cpu_s"]["index_build"] + row["stage_cpu_s"]["search"]
+                             + sum(per_item.values()) * (size + args.queries))
+    row["cpu_ms_per_item_estimate"] = 1e3 * row["cpu_s_estimate"] / (size + args.queries)
+    row["peak_rss_mib"] = max(row["stage_rss_peak_mib"].values())
+    # recall and k-th error on (part of) the sample, against the exact values
+    m = min(n, args.recall_queries or 200)
+    exact = search_neighbourhoods(s_feats[:m], s_vis[:m], gallery_x, k=cfg.k, theta=cfg.theta,
+                                  device="cpu", exclude=sample[:m])
+    row["gallery_recall"] = recall(exact.index, s_nbrs.index[:m])
+    exact_q = search_neighbourhoods(query_x[:m], q_vis[:m], gallery_x, k=cfg.k,
+                                    theta=cfg.theta, device="cpu")
+    row["query_recall"] = recall(exact_q.index, q_nbrs.index[:m])
+    err = _exact_kth(sample[:m], gallery_x, model.scorer.kth) - kth_s[:m]
+    row["kth_error"] = {"mean": float(err.mean()), "p99": float(np.quantile(err, 0.99)),
+                        "max": float(err.max()), "exact_share": float((err < 1e-5).mean())}
+    print(f"G={size}: ~{row['cpu_ms_per_item_estimate']:.2f} CPU ms per item "
+          f"({row['cpu_ms_per_gallery_item']}), peak RSS {row['peak_rss_mib']:.0f} MiB, "
+          f"recall query {row['query_recall']:.3f} gallery {row['gallery_recall']:.3f}, "
+          f"k-th error mean {row['kth_error']['mean']:.4f}", flush=True)
+    return row
+
+
+def cuhk03_row(args: argparse.Namespace) -> dict[str, Any]:
+    """mAP of the default checkpoint (trained with `orgnn train` on cuhk03-parts' training
+    split) after `orgnn reconstruct` exact (``--index flat``) and approximate
+    (``--index ivfpq``: IVF-PQ search and the pooled k-th similarities), and with ``--k``
+    the gallery size (peak RSS)."""
+    data = Path(args.cuhk03)
+    work = Path(args.workdir) / "cuhk03"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "default.pt"
+    row: dict[str, Any] = {"data": str(data)}
+    if not ckpt.exists():
+        _, row["train_wall_s"], row["train_cpu_s"] = _cli(["train", "--data", str(data),
+                                                           "--out", str(ckpt), "--quiet"])
+    for index in ("flat", "ivfpq"):
+        out, t = work / f"out_{index}", work / f"t_{index}.json"
+        _, wall, cpu = _cli(["reconstruct", "--data", str(data), "--checkpoint", str(ckpt),
+                             "--out", str(out), "--index", index, "--quiet", "--timings",
+                             str(t)])
+        _cli(["evaluate", "--data", str(out), "--json", str(work / f"m_{index}.json")])
+        metrics = json.loads((work / f"m_{index}.json").read_text())
+        row[index] = {"wall_s": wall, "cpu_s": cpu, "mAP": metrics["mAP"],
+                      "rank1": metrics["rank1"], "stages": json.loads(t.read_text())["stages"]}
+        print(f"cuhk03-parts {index}: mAP {metrics['mAP']:.2f}, rank-1 "
+              f"{metrics['rank1']:.2f} ({wall:.0f} s)", flush=True)
+    row["mAP_change"] = row["ivfpq"]["mAP"] - row["flat"]["mAP"]
+    return row
+
+
+def full_k_row(args: argparse.Namespace) -> dict[str, Any]:
+    """``--k`` equal to the gallery size on ``--cuhk03``: the stages of `orgnn reconstruct`
+    (the same library calls, in this process, the default memory budget) with their CPU
+    seconds and resident-set peaks; the OR-GNN reconstructs the first ``--full-k-graphs``
+    graphs of each split only (its memory is one batch, whatever their number; the time of
+    the rest is stated from the time per graph: the first layer of a complete graph of
+    :math:`K + 1` nodes is :math:`O(M K^2 F)` work)."""
+    from orgnn.io.features import load_split_dir
+    from orgnn.reconstruction import pipeline
+    from orgnn.reconstruction.graphs import graph_batch_size
+    from orgnn.reconstruction.outliers import (
+        kth_neighbour_similarity,
+        prior_weights,
+        score_split,
+    )
+    from orgnn.reconstruction.training import SearchConfig, load_checkpoint
+
+    work = Path(args.workdir) / "cuhk03"
+    ckpt = work / "default.pt"
+    if not ckpt.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        _cli(["train", "--data", str(args.cuhk03), "--out", str(ckpt), "--quiet"])
+    row: dict[str, Any] = {"stage_s": {}, "stage_cpu_s": {}, "stage_peak_mib": {},
+                           "stage_rss_peak_mib": {}}
+
+    @contextmanager
+    def stage(name: str):
+        cpu = time.process_time()
+        with measured(row, name):
+            yield
+        row["stage_cpu_s"][name] = time.process_time() - cpu
+        print(f"  K = G, {name}: {row['stage_cpu_s'][name]:.1f} CPU s, RSS peak "
+              f"{row['stage_rss_peak_mib'][name]:.0f} MiB", flush=True)
+
+    with stage("load"):
+        model, _ = load_checkpoint(ckpt)
+        splits = load_split_dir(args.cuhk03, splits=("query", "gallery"))
+    query, gallery = splits["query"], splits["gallery"]
+    k = len(gallery)
+    cfg = pipeline.resolve_search(SearchConfig(k=k), model)
+    row.update(k=k, theta=cfg.theta, graphs=args.full_k_graphs,
+               batch=graph_batch_size(k, gallery.num_parts, gallery.dim))
+    cache: dict = {}
+    with stage("search"):
+        q_nbrs = pipeline.search_split(query, gallery, cfg, same_split=False, index_cache=cache)
+    with stage("gallery_search"):
+        g_nbrs = pipeline.search_split(gallery, gallery, cfg, same_split=True,
+                                       index_cache=cache)
+    with stage("kth"):
+        kth = kth_neighbour_similarity(gallery.features, model.scorer.kth)
+    with stage("score"):
+        g_prob, q_prob = score_split(model.scorer, gallery, g_nbrs, query, q_nbrs, kth=kth)
+    n = args.full_k_graphs
+    for name, target, nbrs, prob in (("query", query, q_nbrs, q_prob),
+                                     ("gallery", gallery, g_nbrs, g_prob)):
+        with stage(f"reconstruct_{name}"):
+            out = pipeline.reconstruct(model, target.features[:n], gallery.features,
+                                       nbrs.index[:n], row["batch"],
+                                       target_visibility=target.visibility[:n],
+                                       node_weight=prior_weights(prob[:n], model.scorer.gamma))
+        assert np.isfinite(out).all()
+    per_graph = (row["stage_cpu_s"]["reconstruct_query"]
+                 + row["stage_cpu_s"]["reconstruct_gallery"]) / (2 * n)
+    row["cpu_s_per_graph"] = per_graph
+    row["cpu_s_all_graphs_estimate"] = per_graph * (len(query) + len(gallery))
+    row["peak_rss_mib"] = max(row["stage_rss_peak_mib"].values())
+    print(f"cuhk03-parts, K = {k}: peak RSS {row['peak_rss_mib']:.0f} MiB; "
+          f"{per_graph:.1f} CPU s per graph, so all {len(query) + len(gallery)} graphs "
+          f"~{row['cpu_s_all_graphs_estimate'] / 3600:.1f} CPU hours", flush=True)
     return row
 
 
@@ -428,6 +807,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="torch vs faiss exact search on the Occluded-Duke-sized world")
     parser.add_argument("--torchrun", action="store_true",
                         help="orgnn reconstruct in 1 process vs torchrun with 2 (gloo)")
+    parser.add_argument("--cli", action="store_true",
+                        help="the default checkpoint through `orgnn train` and `orgnn "
+                             "reconstruct` at --sizes (stage times, CPU, RSS, recall)")
+    parser.add_argument("--sampled", action="store_true",
+                        help="the stages in this process at --sizes, per-item stages timed "
+                             "on --sample gallery items (sampled_row)")
+    parser.add_argument("--sample", type=int, default=2000)
+    parser.add_argument("--cli-index", default="ivfpq",
+                        help="--index of the --cli runs (default ivfpq)")
+    parser.add_argument("--cuhk03", default=None, metavar="DIR",
+                        help="also: mAP of exact vs approximate path on this part-feature "
+                             "folder (e.g. /work/shared/data/cuhk03-parts/occluded)")
+    parser.add_argument("--cuhk03-full-k", action="store_true",
+                        help="with --cuhk03: the stages with --k equal to the gallery size "
+                             "(memory; the OR-GNN on --full-k-graphs graphs per split)")
+    parser.add_argument("--skip-cuhk03-map", action="store_true",
+                        help="with --cuhk03: skip the exact vs approximate mAP runs")
+    parser.add_argument("--full-k-graphs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--generate-only", action="store_true",
                         help="write the gallery files of --sizes and stop")
@@ -457,7 +854,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {**meta, "sizes": args.sizes, "rows": rows,
                                "arguments": {k: v for k, v in vars(args).items()
                                              if k not in ("output", "plot")}}
-    for key in ("duke_devices", "torchrun"):
+    for key in ("duke_devices", "torchrun", "cuhk03", "cuhk03_full_k", "cli", "sampled"):
         if key in old:
             payload[key] = old[key]
 
@@ -476,6 +873,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.torchrun:
         payload["torchrun"] = {**torchrun_row(args), "run_command": meta["command"]}
         save()
+    if args.cuhk03 and not args.skip_cuhk03_map:
+        payload["cuhk03"] = {**cuhk03_row(args), "run_command": meta["command"]}
+        save()
+    if args.cuhk03 and args.cuhk03_full_k:
+        payload["cuhk03_full_k"] = {**full_k_row(args), "run_command": meta["command"]}
+        save()
+    if args.sampled:
+        ckpt, _ = train_checkpoint(args)
+        sampled = {str(r["gallery"]): r for r in old.get("sampled", [])}
+        for size in args.sizes:
+            row = sampled_row(size, ckpt, args)
+            row["run_command"] = meta["command"]
+            sampled[str(size)] = row
+            payload["sampled"] = sorted(sampled.values(), key=lambda r: r["gallery"])
+            save()
+        return payload
+    if args.cli:
+        ckpt, train_row = train_checkpoint(args)
+        cli_rows = {str(r["gallery"]) + r["index"]: r for r in old.get("cli", {}).get(
+            "rows", [])}
+        payload["cli"] = {"train": train_row, "rows": list(cli_rows.values())}
+        for size in args.sizes:
+            row = cli_row(size, ckpt, args)
+            row["run_command"] = meta["command"]
+            cli_rows[str(size) + args.cli_index] = row
+            payload["cli"]["rows"] = sorted(cli_rows.values(),
+                                            key=lambda r: (r["index"], r["gallery"]))
+            save()
+        return payload
     for size in args.sizes:
         t0 = time.perf_counter()
         row = run_size(size, args)

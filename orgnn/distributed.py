@@ -2,20 +2,35 @@
 
 Started by ``torchrun --nproc-per-node N`` (``WORLD_SIZE > 1`` in the environment), a command
 calls :func:`setup`, which joins the default ``torch.distributed`` process group (NCCL when
-the device is CUDA, gloo on CPU). From then on :func:`orgnn.reconstruction.pipeline.search_split`
-and :func:`orgnn.reconstruction.pipeline.reconstruct` give each rank its own share of the images
-(:func:`shard`) and all-gather the pieces, so every rank holds the whole result and rank 0
-writes it (:func:`is_main`). Every rank searches the same gallery (a memory-mapped file is
-one copy in the page cache, whatever the number of ranks).
+the device is CUDA, gloo on CPU). From then on every stage gives each rank its own share
+of the images (:func:`shard`): the searches
+(:func:`orgnn.reconstruction.pipeline.search_split`, the training split's in
+:func:`orgnn.reconstruction.calibration.calibrate_theta`), the outlier scorer's
+k-th-neighbour similarities and features (:func:`orgnn.reconstruction.outliers.score_split`)
+and the OR-GNN batches (:func:`orgnn.reconstruction.pipeline.reconstruct`). What a later
+stage reads at any row (neighbourhoods, the gallery's scorer probabilities: ``(N, K)``
+arrays) is all-gathered, so every rank holds it; the reconstructed features, the one large
+result, are gathered on rank 0 alone (:func:`map_rows` with ``to="main"``; ``None`` on the
+other ranks), which writes them (:func:`is_main`). Every rank searches the same gallery (a
+memory-mapped file is one copy in the page cache, whatever the number of ranks). Inside
+:func:`local` (rank 0 training alone,
+:func:`orgnn.reconstruction.training.train_orgnn_once`) every call acts as in a single
+process.
 
-**Same files with one process or many.** Shares are whole *blocks* of a fixed size (the
-reconstruction batch), cut from the start of the split: rank ``r`` of ``W`` takes blocks
-``[r B / W, (r + 1) B / W)`` of ``B``. Each rank therefore runs exactly the batches a single
-process would run, with the same shapes, and the gathered arrays are bit-for-bit the
-single-process arrays (the OR-GNN's float32 kernels give a row the same bits in a batch of
-the same shape, but not always in a batch of another size: measured in
+**Same files with one process or many, at the same thread count per process.** Shares
+are whole *blocks* of a fixed size (the reconstruction batch, the scorer's feature chunk),
+cut from the start of the split: rank ``r`` of ``W`` takes blocks
+``[r B / W, (r + 1) B / W)`` of ``B``. Each rank therefore runs exactly the batches a
+single process would run, with the same shapes, and the gathered arrays are bit-for-bit
+the single-process arrays (the OR-GNN's float32 kernels give a row the same bits in a
+batch of the same shape, but not always in a batch of another size: measured in
 ``tests/test_distributed.py``). Search results are per image anyway (see
-:mod:`orgnn.retrieval.search`).
+:mod:`orgnn.retrieval.search`). The float32 kernels (matrix products of the scorer's
+features and MLP, of the OR-GNN) also split their work by the number of threads, and a sum
+split otherwise can differ in its last bit: outputs are byte-identical when each process
+runs with the same thread count (``torchrun`` sets ``OMP_NUM_THREADS=1`` per rank, so
+compare with a single process run with ``OMP_NUM_THREADS=1``); with other thread counts
+values may differ by a float16 step (measured on cuhk03-parts: 205 of 921,600 query values).
 
 Without ``WORLD_SIZE > 1`` nothing is joined: :func:`world_size` is 1, :func:`shard` the
 whole range and :func:`all_gather_rows` the identity, so a single process runs the same code.
@@ -23,7 +38,9 @@ whole range and :func:`all_gather_rows` the identity, so a single process runs t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +48,10 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Group", "setup", "world_size", "rank", "is_main", "shard", "all_gather_rows",
-           "map_rows", "broadcast_bytes", "barrier", "finish", "env_world"]
+           "gather_rows", "map_rows", "broadcast_bytes", "barrier", "finish", "env_world",
+           "local"]
+
+_local = threading.local()
 
 
 @dataclass(frozen=True)
@@ -83,14 +103,33 @@ def _device(device: str | torch.device | None, local_rank: int) -> torch.device 
     return dev
 
 
+def _joined() -> bool:
+    return (dist.is_available() and dist.is_initialized()
+            and not getattr(_local, "depth", 0))
+
+
 def world_size() -> int:
-    """Processes in the default group (1 when none is initialised)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Processes in the default group (1 when none is initialised, or inside
+    :func:`local`)."""
+    return dist.get_world_size() if _joined() else 1
 
 
 def rank() -> int:
-    """This process' rank in the default group (0 when none is initialised)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process' rank in the default group (0 when none is initialised, or inside
+    :func:`local`)."""
+    return dist.get_rank() if _joined() else 0
+
+
+@contextmanager
+def local() -> Iterator[None]:
+    """Within the block this process works alone: :func:`world_size` is 1, :func:`map_rows`
+    runs every row here and no collective is called (for work one rank does while the
+    others wait, e.g. rank 0 training)."""
+    _local.depth = getattr(_local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _local.depth -= 1
 
 
 def is_main(group: Group | None = None) -> bool:
@@ -152,10 +191,32 @@ def broadcast_bytes(data: bytes | None, src: int = 0) -> bytes:
     return box[0]
 
 
+def gather_rows(local: np.ndarray | Sequence[np.ndarray], dst: int = 0
+                ) -> np.ndarray | list[np.ndarray] | None:
+    """Like :func:`all_gather_rows`, but only rank ``dst`` receives (and holds) the
+    concatenation; the other ranks get ``None``."""
+    single = isinstance(local, np.ndarray)
+    arrays = [local] if single else list(local)
+    if world_size() == 1:
+        return arrays[0] if single else arrays
+    pieces: list[list[np.ndarray] | None] | None = [None] * world_size() \
+        if rank() == dst else None
+    dist.gather_object(arrays, pieces, dst=dst)
+    del arrays
+    if pieces is None:
+        return None
+    out = [np.concatenate([p[i] for p in pieces]) for i in range(len(pieces[0]))]
+    return out[0] if single else out
+
+
 def map_rows(fn: Callable[[slice], np.ndarray | Sequence[np.ndarray]], n: int,
-             block: int = 1) -> np.ndarray | list[np.ndarray]:
-    """``fn(rows)`` on this rank's :func:`shard` of ``n`` rows, all-gathered; in a single
+             block: int = 1, to: str = "all") -> np.ndarray | list[np.ndarray] | None:
+    """``fn(rows)`` on this rank's :func:`shard` of ``n`` rows, gathered on every rank
+    (``to="all"``) or on rank 0 alone (``to="main"``: ``None`` elsewhere); in a single
     process simply ``fn(slice(0, n))``."""
+    if to not in ("all", "main"):
+        raise ValueError(f"to must be 'all' or 'main', got {to!r}")
     if world_size() == 1:
         return fn(slice(0, n))
-    return all_gather_rows(fn(shard(n, block)))
+    local_rows = fn(shard(n, block))
+    return all_gather_rows(local_rows) if to == "all" else gather_rows(local_rows)

@@ -95,24 +95,58 @@ def _orgnn(args: list[str], nproc: int, env: dict) -> subprocess.CompletedProces
 
 
 def test_torchrun_two_ranks_write_the_same_files(world, tmp_path):
-    """`orgnn reconstruct` in one process (faiss search) and under torchrun with two ranks
-    (gloo, torch search on the CPU): the query and gallery files are byte for byte the same,
-    which checks the sharding and the torch search against faiss at once."""
-    splits, model = world
+    """`orgnn reconstruct` with the learned outlier scorer (the default model) in one
+    process (faiss search) and under torchrun with two ranks (gloo, torch search on the
+    CPU), both with one thread per process: the query and gallery files are byte for byte
+    the same, which checks the sharding of every stage (search, k-th similarities, scorer
+    chunks, OR-GNN batches) and the torch search against faiss at once. A small memory
+    budget makes several scorer chunks and graph batches per rank."""
+    import json
+
+    from orgnn.reconstruction.training import train_orgnn
+
+    splits, _ = world
     data = tmp_path / "data"
     save_split_dir(data, {k: v for k, v in splits.items() if k != "train"})
-    ckpt = save_checkpoint(tmp_path / "m.pt", model, TrainConfig(target_init="visible"))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    model = train_orgnn(splits["train"], TrainConfig(epochs=0, k=10, scorer_stages=2,
+                                                     scorer_steps=20), progress=False)
+    assert model.scorer is not None
+    ckpt = save_checkpoint(tmp_path / "m.pt", model, model.train_config)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     outs = {}
     for nproc, extra in ((1, []), (2, ["--device", "cpu"])):
         out = tmp_path / f"out{nproc}"
         proc = _orgnn(["reconstruct", "--data", str(data), "--checkpoint", str(ckpt), "--out",
-                       str(out), "--theta", "0.3", "--quiet", *extra], nproc, env)
+                       str(out), "--k", "10", "--quiet", "--memory-budget", "2MiB",
+                       "--timings", str(tmp_path / f"t{nproc}.json"), *extra], nproc, env)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
+        assert proc.stdout.count("wrote ") == 2  # rank 0 alone writes and prints
         outs[nproc] = out
     for name in ("query.npz", "gallery.npz"):
         assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+    timings = json.loads((tmp_path / "t2.json").read_text())
+    assert len(timings["ranks"]) == 2
+    assert {"search", "gallery_search", "kth", "score", "reconstruct_query"} <= set(
+        timings["stages"])
+
+
+def test_train_under_torchrun_writes_one_checkpoint(world, tmp_path):
+    """`orgnn train` with two ranks: rank 0 trains and writes the checkpoint, once; rank 1
+    leaves without training (it prints nothing)."""
+    from orgnn.reconstruction.training import load_checkpoint
+
+    splits, _ = world
+    data = tmp_path / "data"
+    save_split_dir(data, {"train": splits["train"]})
+    ckpt = tmp_path / "m.pt"
+    proc = _orgnn(["train", "--data", str(data), "--out", str(ckpt), "--epochs", "0",
+                   "--train-k", "10", "--quiet"], 2,
+                  {**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("m.pt")] == ["m.pt"]
+    model, _ = load_checkpoint(ckpt)
+    assert model.scorer is not None
 
 
 _ABLATION_SCRIPT = """

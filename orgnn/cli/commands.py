@@ -9,7 +9,9 @@ or output. Outputs are written atomically, several files as one set (:mod:`orgnn
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -41,8 +43,6 @@ DEFAULT_EPOCHS = 6
 #: to :data:`orgnn.reconstruction.pipeline.ABLATION_ROWS`).
 ROWS = ("baseline", "oan", "gnn", "avg", "oan_gnn", "orgnn", "baseline_rr", "oan_rr",
         "orgnn_rr", "upper_bound", "vis_global", "vis_global_rr", "aqe", "aqe_rr")
-#: Memory one batch of reconstructed graphs may take (bytes); the batch size follows ``--k``.
-GRAPH_BATCH_BYTES = 1 << 30
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -100,6 +100,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="memory-map the input features instead of reading them: auto "
                           "(default) for uncompressed files of 1 GiB or more; see "
                           "docs/scale.md")
+    rec.add_argument("--memory-budget", default=None, metavar="BYTES",
+                     type=_byte_size,
+                     help="working memory one chunk or batch of any stage may take, e.g. "
+                          "2GiB, 512MiB (default: a quarter of the available memory, "
+                          "256 MiB to 1 GiB); peak resident memory is about this plus the "
+                          "process' own (~1 GiB) and the (N, K) neighbourhood arrays")
+    rec.add_argument("--timings", type=output_file, metavar="FILE",
+                     help="also write each stage's wall and CPU seconds and peak resident "
+                          "memory (every rank's under torchrun) to this JSON file")
     rec.add_argument("--quiet", action="store_true", help="no progress bars")
     rec.set_defaults(func=_reconstruct)
 
@@ -143,9 +152,10 @@ def _add_search_options(p: argparse.ArgumentParser) -> None:
                         "one the model was trained with; the paper uses 0.7)")
     g.add_argument("--mode", default="visible-mean", choices=["visible-mean", "intersection"],
                    help="search mode (default visible-mean; see docs for why)")
-    g.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq"],
+    g.add_argument("--index", default="auto", choices=["auto", "flat", "ivf", "ivfpq"],
                    help="exact (flat), IVF, or IVF-PQ with exact re-ranking (galleries of "
-                        "millions; see docs/scale.md)")
+                        "millions); auto (default): flat up to 50,000 gallery images, ivfpq "
+                        "beyond; see docs/scale.md")
     g.add_argument("--device", default=None, metavar="DEV", type=device,
                    help="torch device for the exact search and the OR-GNN (cpu, cuda, "
                         "cuda:1, auto); default: faiss search and the OR-GNN on the CPU. "
@@ -368,10 +378,20 @@ def warn_if_mostly_empty(num_empty: int, total: int, source: str, args: argparse
 
 
 def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None) -> int:
-    """Graphs per reconstruction batch so that one batch's tensors stay near
-    :data:`GRAPH_BATCH_BYTES` (about 8 float32 copies of ``(B, M, K + 1, F)``)."""
-    per_graph = num_parts * (k + 1) * max(dim, hidden or dim) * 4 * 8
-    return int(np.clip(GRAPH_BATCH_BYTES // per_graph, 1, 2048))
+    """Graphs per reconstruction batch within the memory budget
+    (:func:`orgnn.reconstruction.graphs.graph_batch_size`)."""
+    from orgnn.reconstruction.graphs import graph_batch_size as by_bytes
+
+    return by_bytes(k, num_parts, dim, hidden)
+
+
+def _byte_size(text: str) -> int:
+    from orgnn.io.storage import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _data_prefix(data: str) -> str:
@@ -437,6 +457,7 @@ def _ablation(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from orgnn.distributed import env_world
     from orgnn.io.features import load_split_dir
     from orgnn.reconstruction.training import (
         FINGERPRINT_LEVELS,
@@ -444,6 +465,12 @@ def _train(args: argparse.Namespace) -> int:
         save_checkpoint,
         train_orgnn,
     )
+
+    if env_world()[0] != 0:
+        # Under torchrun rank 0 alone trains and writes the one checkpoint; the other
+        # ranks leave at once (no process group is joined: nothing is shared, and a rank
+        # waiting at a barrier would time out on a long training).
+        return 0
 
     splits = load_split_dir(args.data, splits=("train",))
     if args.validation_split is not None:
@@ -477,76 +504,183 @@ def _train(args: argparse.Namespace) -> int:
 
 def _reconstruct(args: argparse.Namespace) -> int:
     from orgnn import distributed
+    from orgnn.io.storage import working_memory
+
+    with working_memory(args.memory_budget):
+        return _reconstruct_within_budget(args, distributed.setup(args.device))
+
+
+def _reconstruct_within_budget(args: argparse.Namespace, group) -> int:
+    """Search both splits' neighbourhoods in the gallery (each searched once; the
+    gallery's serve the query's scoring too), score them with the model's outlier scorer
+    (both sides in one pass, the k-th similarities computed once), reconstruct, write.
+    Every stage is sharded under ``torchrun``; rank 0 writes."""
+    from orgnn import distributed
     from orgnn.io.atomic import pause_for_tests, replace_dir
     from orgnn.io.features import PartFeatures, load_split_dir, save_split_dir
     from orgnn.io.storage import is_mapped, open_npy
     from orgnn.reconstruction import pipeline
+    from orgnn.reconstruction.outliers import (
+        kth_neighbour_similarity,
+        prior_weights,
+        score_split,
+    )
     from orgnn.reconstruction.training import SearchConfig, load_checkpoint
 
     if Path(args.out).resolve() == Path(args.data).resolve():
         raise ValueError(f"--out {args.out} is the --data folder: its query.npz and "
                          f"gallery.npz would be replaced by reconstructions; name another "
                          f"folder")
-    model, _ = load_checkpoint(args.checkpoint)
-    splits = load_split_dir(args.data, splits=("query", "gallery"),
-                            mapped={"auto": None, "always": True, "never": False}[args.map])
+    clock = _StageClock()
+    with clock("load"):
+        model, _ = load_checkpoint(args.checkpoint)
+        splits = load_split_dir(args.data, splits=("query", "gallery"),
+                                mapped={"auto": None, "always": True, "never": False}[args.map])
     where = _data_prefix(args.data)
     for name, pf in splits.items():
         check_checkpoint(model, args.checkpoint, pf, f"{where}{name}.npz")
     check_feature_space(model, args.checkpoint, splits["gallery"], f"{where}gallery.npz")
     fit_to_data(args, splits, where)
     visibility_warnings(splits, where)
-    gallery = splits["gallery"]
-    group = distributed.setup(args.device)  # several ranks under torchrun: each takes a share
+    query, gallery = splits["query"], splits["gallery"]
     main = distributed.is_main(group)
-    cfg = SearchConfig(k=args.k, theta=args.theta, mode=args.mode, index=args.index,
-                       device=None if group.device is None else str(group.device))
+    cfg = pipeline.resolve_search(SearchConfig(
+        k=args.k, theta=args.theta, mode=args.mode, index=args.index,
+        device=None if group.device is None else str(group.device)), model)
     batch = graph_batch_size(cfg.k, gallery.num_parts, gallery.dim,
                              getattr(model, "hidden_channels", None))
+    index_cache: dict = {}  # the gallery's faiss index, built once for every search
+    nbrs, weights = {}, {"query": None, "gallery": None}
+    with clock("search"):
+        nbrs["query"] = pipeline.search_split(query, gallery, cfg, same_split=False,
+                                              index_cache=index_cache)
+    with clock("gallery_search"):
+        nbrs["gallery"] = pipeline.search_split(gallery, gallery, cfg, same_split=True,
+                                                index_cache=index_cache)
+    scorer = getattr(model, "scorer", None)
+    if scorer is not None:
+        search_kw = dict(index=cfg.index, nprobe=cfg.nprobe, device=cfg.device,
+                         index_cache=index_cache)
+        with clock("kth"):
+            kth = kth_neighbour_similarity(gallery.features, scorer.kth, **search_kw)
+        with clock("score"):
+            g_prob, q_prob = score_split(scorer, gallery, nbrs["gallery"], query,
+                                         nbrs["query"], kth=kth, **search_kw)
+        weights = {"query": prior_weights(q_prob, scorer.gamma),
+                   "gallery": prior_weights(g_prob, scorer.gamma)}
+        del g_prob, q_prob, kth
+    index_cache.clear()
     out = {}
-    index_cache: dict = {}  # the gallery's faiss index, built once for both splits
     with _scratch_dir(args.out) as scratch:
-        for name, target in splits.items():  # search, the model's own weighting, rebuild
+        for name, target in splits.items():
             # A mapped input (a large file) is reconstructed into a mapped scratch file,
             # batch by batch, and streamed from there into the output archive.
             dest = None
             if scratch is not None and is_mapped(target.features) and group.world_size == 1:
                 dest = open_npy(scratch / f"{name}.npy", (len(target), target.num_parts,
                                 model.hidden_channels), target.features.dtype)
-            feats, nbrs = pipeline.reconstruct_split(
-                model, target, gallery, cfg, same_split=name == "gallery", batch_size=batch,
-                device=group.device or "cpu", progress=not args.quiet and main,
-                index_cache=index_cache, out=dest)
-            feats = feats.astype(target.features.dtype, copy=False)  # float16 in and out
-            out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32),
-                                     target.pids, target.camids, target.paths)
-            if main:
-                print(f"{name}: {len(target)} images, {nbrs.num_empty} without neighbours",
-                      flush=True)
-                warn_if_mostly_empty(nbrs.num_empty, len(target), f"{where}{name}.npz",
-                                     args, model)
-        distributed.finish()
-        if not main:  # rank 0 holds the gathered set and writes it
-            return 0
+            with clock(f"reconstruct_{name}"):
+                feats = pipeline.reconstruct(
+                    model, target.features, gallery.features, nbrs[name], batch,
+                    group.device or "cpu", progress=not args.quiet and main,
+                    target_visibility=target.visibility, node_weight=weights[name],
+                    out=dest)
+            weights[name] = None
+            if main:  # rank 0 alone holds the gathered features
+                feats = feats.astype(target.features.dtype, copy=False)  # float16 in and out
+                out[name] = PartFeatures(feats, np.ones(feats.shape[:2], np.float32),
+                                         target.pids, target.camids, target.paths)
+                print(f"{name}: {len(target)} images, {nbrs[name].num_empty} without "
+                      f"neighbours", flush=True)
+                warn_if_mostly_empty(nbrs[name].num_empty, len(target),
+                                     f"{where}{name}.npz", args, model)
+        if main:
+            def build(folder: Path) -> None:
+                save_split_dir(folder, {"query": out["query"]})
+                pause_for_tests("query.npz written")
+                save_split_dir(folder, {"gallery": out["gallery"]})
 
-        def build(folder: Path) -> None:
-            save_split_dir(folder, {"query": out["query"]})
-            pause_for_tests("query.npz written")
-            save_split_dir(folder, {"gallery": out["gallery"]})
-
-        replace_dir(args.out, build)
+            with clock("write"):
+                replace_dir(args.out, build)
+    timings = clock.gather()
+    distributed.finish()
+    if not main:
+        return 0
     print(f"wrote {args.out}/query.npz and {args.out}/gallery.npz (one set)")
+    if args.timings:
+        write_json_atomic(args.timings, {"stages": timings[0], "ranks": timings,
+                                         "k": cfg.k, "theta": cfg.theta,
+                                         "index": cfg.index})
+        print(f"wrote {args.timings}")
     return 0
+
+
+class _StageClock:
+    """``with clock(stage):`` records the stage's wall seconds, this process' CPU seconds
+    (:func:`time.process_time`: robust where other work shares the machine) and the
+    resident-set high-water mark during the stage (``VmHWM`` after a reset, MiB; Linux)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        _reset_peak_rss()
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.stages[name] = {"wall_s": round(time.perf_counter() - wall, 3),
+                                 "cpu_s": round(time.process_time() - cpu, 3),
+                                 "peak_rss_mib": _peak_rss_mib()}
+
+    def gather(self) -> list[dict[str, dict[str, float]]]:
+        """Every rank's stages, in rank order (on every rank)."""
+        from orgnn import distributed
+
+        if distributed.world_size() == 1:
+            return [self.stages]
+        import torch.distributed as dist
+
+        box: list = [None] * distributed.world_size()
+        dist.all_gather_object(box, self.stages)
+        return box
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+#: Owner file in a scratch folder: ``host pid`` of the run that made it.
+SCRATCH_OWNER = "owner"
 
 
 @contextmanager
 def _scratch_dir(out: str) -> Iterator[Path | None]:
     """A hidden scratch folder beside ``out`` (same file system), removed afterwards
-    whatever happens; ``None`` where it cannot be made (the output is then held in memory)."""
+    whatever happens; ``None`` where it cannot be made (the output is then held in memory).
+    Folders a killed run left behind (their owner process gone) are removed first."""
     parent = Path(out).resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_scratch(parent, Path(out).name)
         scratch = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.scratch-", dir=parent))
+        (scratch / SCRATCH_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
     except OSError:
         yield None
         return
@@ -554,6 +688,33 @@ def _scratch_dir(out: str) -> Iterator[Path | None]:
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _remove_stale_scratch(parent: Path, name: str, grace_s: float = 600.0) -> None:
+    """Remove ``.NAME.scratch-*`` folders whose owner (this host) is no longer running;
+    one without an owner file only when older than ``grace_s`` (it may be being made)."""
+    host = socket.gethostname()
+    for folder in parent.glob(f".{name}.scratch-*"):
+        try:
+            owner = (folder / SCRATCH_OWNER).read_text().split()
+        except OSError:
+            owner = []
+        if len(owner) == 2:
+            if owner[0] != host or _alive(int(owner[1])):
+                continue
+        elif time.time() - folder.stat().st_mtime < grace_s:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _evaluate(args: argparse.Namespace) -> int:

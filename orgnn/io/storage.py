@@ -15,7 +15,12 @@ than the memory of most machines. Three helpers keep such arrays on disk:
 * :func:`take_rows` gathers scattered rows (neighbours, candidates, a training sample) from
   a map a few thousand at a time, without read-ahead, handing the pages back after each;
 * :func:`open_npy` creates a ``.npy`` file of a given shape and maps it writable, for
-  generating or writing large arrays chunk by chunk.
+  generating or writing large arrays chunk by chunk;
+* :func:`memory_budget` is the working memory one chunk or batch of any stage may take
+  (search candidates, scorer features, graph batches): every stage sizes its chunks from
+  these bytes, never from counts, so any ``K`` fits. :func:`working_memory` sets it for a
+  block (``orgnn reconstruct --memory-budget 2GiB``); the default is a quarter of the
+  memory available when first asked, between 256 MiB and 1 GiB.
 
 Reading a whole part-feature file this way, with its checks, is
 :func:`orgnn.io.features.load_part_features_mapped`; this module knows nothing of the
@@ -28,14 +33,16 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["map_npz_member", "iter_rows", "take_rows", "release_rows", "open_npy",
-           "is_mapped"]
+           "is_mapped", "memory_budget", "working_memory", "parse_bytes", "rows_for"]
 
 #: Rows per chunk of :func:`iter_rows` when not given: about 64 MiB of float32 per chunk.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -44,6 +51,70 @@ CHUNK_BYTES = 64 * 1024 * 1024
 #: per row touched (measured: 1024 rows left 1.5 GiB resident, 64 rows 145 MiB, and took
 #: no longer).
 TAKE_ROWS = 64
+#: Bounds of the default working-memory budget (a quarter of the available memory).
+MIN_BUDGET, MAX_BUDGET = 256 << 20, 1 << 30
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10 ** 3, "kib": 1 << 10, "m": 1 << 20,
+          "mb": 10 ** 6, "mib": 1 << 20, "g": 1 << 30, "gb": 10 ** 9, "gib": 1 << 30,
+          "t": 1 << 40, "tb": 10 ** 12, "tib": 1 << 40}
+_budget: int | None = None
+
+
+def parse_bytes(text: str | int) -> int:
+    """Bytes from ``"2GiB"``, ``"512MiB"``, ``"1.5G"``, ``"3e9"`` or an int (``G`` means
+    GiB; ``GB`` 10^9)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match and match.group(2).lower()
+        if not match or unit not in _UNITS:
+            raise ValueError(f"not a size in bytes: {text!r} (e.g. 2GiB, 512MiB, 3e9)")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 1 << 20:
+        raise ValueError(f"a memory budget of {value} bytes is below 1 MiB")
+    return value
+
+
+def _available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * MAX_BUDGET
+
+
+def memory_budget() -> int:
+    """Bytes of working memory one chunk (or batch) of a stage may take: as set by
+    :func:`working_memory`, else a quarter of the available memory, clamped to
+    ``[256 MiB, 1 GiB]`` (decided once per process)."""
+    global _budget
+    if _budget is None:
+        _budget = int(min(MAX_BUDGET, max(MIN_BUDGET, _available() // 4)))
+    return _budget
+
+
+@contextmanager
+def working_memory(budget: int | str | None) -> Iterator[int]:
+    """Set :func:`memory_budget` for a block (``None``: leave it as it is)."""
+    global _budget
+    before = _budget
+    if budget is not None:
+        _budget = parse_bytes(budget)
+    try:
+        yield memory_budget()
+    finally:
+        _budget = before
+
+
+def rows_for(bytes_per_row: int | float, budget: int | None = None, at_most: int | None = None
+             ) -> int:
+    """Rows per chunk so that ``rows x bytes_per_row`` stays within ``budget`` (default
+    :func:`memory_budget`); at least 1, at most ``at_most``."""
+    rows = int((budget or memory_budget()) // max(1.0, float(bytes_per_row)))
+    return max(1, rows if at_most is None else min(rows, at_most))
 
 
 def map_npz_member(path: str | os.PathLike, key: str) -> np.memmap:

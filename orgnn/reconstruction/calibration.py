@@ -20,8 +20,9 @@ import warnings
 
 import numpy as np
 
+from orgnn import distributed
 from orgnn.io.features import PartFeatures
-from orgnn.retrieval.search import search_neighbourhoods
+from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 __all__ = ["calibrate_theta", "DEFAULT_QUANTILE"]
 
@@ -31,7 +32,8 @@ DEFAULT_QUANTILE = 0.02
 
 def calibrate_theta(train: PartFeatures, k: int, mode: str = "visible-mean",
                     quantile: float = DEFAULT_QUANTILE,
-                    upper_body_parts: tuple[int, ...] | None = (0, 1)) -> float:
+                    upper_body_parts: tuple[int, ...] | None = (0, 1),
+                    index: str = "auto") -> float:
     """The search threshold :math:`\\theta` calibrated on ``train`` (see the module doc).
 
     Args:
@@ -40,6 +42,9 @@ def calibrate_theta(train: PartFeatures, k: int, mode: str = "visible-mean",
         mode: search mode (``"visible-mean"`` or ``"intersection"``).
         quantile: share of right neighbours the threshold may cut, in ``[0, 1)``.
         upper_body_parts: parts fully visible images search with.
+        index: the search index (:func:`orgnn.retrieval.search.search_neighbourhoods`; ``"auto"``:
+            exact up to :data:`orgnn.retrieval.search.AUTO_EXACT_MAX` images). Under ``torchrun``
+            each rank searches its share of the images.
 
     Returns:
         :math:`\\theta` in ``[-1, 1]``, rounded down to 3 decimals; ``-1`` (no threshold),
@@ -49,9 +54,15 @@ def calibrate_theta(train: PartFeatures, k: int, mode: str = "visible-mean",
         raise ValueError(f"quantile must lie in [0, 1), got {quantile!r}")
     if train.num_images < 2:
         raise ValueError("calibrate_theta: the training split needs at least two images")
-    nbrs = search_neighbourhoods(train.features, train.visible, train.features, k=k,
-                                 theta=-1.0, mode=mode, upper_body_parts=upper_body_parts,
-                                 exclude=np.arange(train.num_images))
+    def search(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # under torchrun each rank searches its share (all-gathered: every rank calibrates)
+        found = search_neighbourhoods(
+            train.features[rows], train.visible[rows], train.features, k=k, theta=-1.0,
+            mode=mode, upper_body_parts=upper_body_parts, index=index,
+            exclude=np.arange(train.num_images)[rows])
+        return found.index, found.score, found.search_parts
+
+    nbrs = Neighbourhoods(*distributed.map_rows(search, train.num_images))
     pids = np.asarray(train.pids)
     right = nbrs.valid & (pids[np.clip(nbrs.index, 0, None)] == pids[:, None])
     if not right.any():

@@ -26,7 +26,7 @@ from torch_geometric.data import Batch
 from tqdm.auto import tqdm
 
 from orgnn.io.features import VISIBLE_THRESHOLD
-from orgnn.io.storage import take_rows
+from orgnn.io.storage import rows_for, take_rows
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -114,6 +114,19 @@ def pyg_neighbourhood_batch(x: Tensor, mask: Tensor) -> Batch:
     batch._num_graphs = len(sizes)
     return batch
 
+
+
+def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None,
+                     budget: int | None = None, at_most: int = 2048) -> int:
+    r"""Graphs per dense batch so that one batch's tensors stay within ``budget`` bytes
+    (default :func:`orgnn.io.storage.memory_budget`): per graph of :math:`N = K + 1` nodes about
+    eight float32 copies of its :math:`(M, N, F)` features and fourteen of its
+    :math:`(M, N, N)` affinities, logits, Gram matrix and masks
+    (:func:`orgnn.nn.functional.dense_orgnn_aggregate` forms those, never an
+    :math:`N \times N \times F` tensor). At least 1, at most ``at_most``: one graph of
+    :math:`K` = 2,327 (cuhk03-parts' whole gallery) takes about 1.8 GB whatever the budget."""
+    n, f = k + 1, max(dim, hidden or dim)
+    return rows_for(num_parts * n * (32 * f + 56 * n), budget, at_most)
 
 
 def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np.ndarray,

@@ -123,7 +123,8 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
     computes it; :func:`reconstruct_split` does all of it). ``out``: an ``(N, M, F)`` array
     (e.g. a writable memory map, :func:`orgnn.io.storage.open_npy`) written batch by batch and
     returned, so the output is never held in memory (under ``torchrun`` the gathered
-    result is copied into it)."""
+    result is copied into it). Under ``torchrun`` each rank reconstructs its share and rank
+    0 alone receives the whole result: the other ranks get ``None``."""
     index = getattr(neighbourhoods, "index", neighbourhoods)
     if node_weight is None and getattr(model, "scorer", None) is not None:
         raise ValueError("this OR-GNN weighs neighbours with a learned outlier scorer: pass "
@@ -139,8 +140,8 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
         model, target[rows], gallery, index[rows], batch_size, device,
         None if target_visibility is None else target_visibility[rows], "reconstruct",
         progress, None if node_weight is None else node_weight[rows],
-        None if out is None else out[rows]), target.shape[0], batch_size)
-    if out is None:
+        None if out is None else out[rows]), target.shape[0], batch_size, to="main")
+    if out is None or result is None:
         return result
     if distributed.world_size() > 1:  # each rank wrote its share; copy in the gathered rows
         out[:] = result
@@ -148,44 +149,62 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
 
 
 def outlier_weights(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
-                    nbrs: Neighbourhoods, gallery_nbrs: Neighbourhoods) -> np.ndarray | None:
+                    nbrs: Neighbourhoods, gallery_nbrs: Neighbourhoods,
+                    search: SearchConfig | None = None, index_cache: dict | None = None
+                    ) -> np.ndarray | None:
     """The OR-GNN's prior node weights ``(N, 1 + K)`` for ``target``'s neighbourhoods
-    ``nbrs`` in ``gallery``: the model's learned scorer (:mod:`orgnn.reconstruction.outliers`) run
-    on them, with ``gallery_nbrs`` the gallery's own neighbourhoods (they feed the overlap features;
-    pass ``nbrs`` itself when the target is the gallery). ``None`` for a model without a
-    scorer."""
+    ``nbrs`` in ``gallery``: the model's learned scorer (:mod:`orgnn.reconstruction.outliers`)
+    run on them, with ``gallery_nbrs`` the gallery's own neighbourhoods (they feed the overlap
+    features; pass ``nbrs`` itself when the target is the gallery). ``search`` and
+    ``index_cache``: the search that found them, whose index the scorer's k-th similarities
+    reuse. ``None`` for a model without a scorer."""
     scorer = getattr(model, "scorer", None)
     if scorer is None:
         return None
     same = target is gallery
     g_prob, t_prob = score_split(scorer, gallery, gallery_nbrs,
-                                 None if same else target, None if same else nbrs)
+                                 None if same else target, None if same else nbrs,
+                                 index=getattr(search, "index", "auto"),
+                                 nprobe=getattr(search, "nprobe", None),
+                                 device=getattr(search, "device", None),
+                                 index_cache=index_cache)
     return prior_weights(g_prob if same else t_prob, scorer.gamma)
 
 
 def reconstruct_split(model: ORGNN, target: PartFeatures, gallery: PartFeatures,
                       search: SearchConfig, *, same_split: bool, batch_size: int = 2048,
                       device: str | torch.device = "cpu", progress: bool = False,
-                      index_cache: dict | None = None, out: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, Neighbourhoods]:
+                      index_cache: dict | None = None, out: np.ndarray | None = None,
+                      timer: Any = None, gallery_nbrs: Neighbourhoods | None = None
+                      ) -> tuple[np.ndarray | None, Neighbourhoods]:
     """Search ``target``'s neighbourhoods in ``gallery``, weigh them with the model's
-    scorer (if any) and reconstruct: ``(features (N, M, F), neighbourhoods)``.
+    scorer (if any) and reconstruct: ``(features (N, M, F), neighbourhoods)`` (features
+    ``None`` on ranks other than 0 under ``torchrun``).
     ``same_split``: ``target`` is the gallery itself (each image excluded from its own).
     ``index_cache``: kept by the caller to build the gallery's index once across calls.
-    ``out``: receives the features batch by batch (see :func:`reconstruct`)."""
+    ``out``: receives the features batch by batch (see :func:`reconstruct`). ``timer``:
+    a ``timer(stage)`` context factory (stages ``search``, ``gallery_search``, ``score``,
+    ``reconstruct``). ``gallery_nbrs``: the gallery's own neighbourhoods if already
+    searched with ``search`` (else searched here when the scorer needs them)."""
+    timer = timer or _Timer()
     search = resolve_search(search, model)
-    nbrs = search_split(target, gallery, search, same_split=same_split,
-                        index_cache=index_cache)
+    with timer("search"):
+        nbrs = search_split(target, gallery, search, same_split=same_split,
+                            index_cache=index_cache)
     weights = None
     if getattr(model, "scorer", None) is not None:
-        g_nbrs = nbrs if same_split else search_split(gallery, gallery, search,
-                                                       same_split=True,
-                                                       index_cache=index_cache)
-        weights = outlier_weights(model, gallery if same_split else target, gallery, nbrs,
-                                  g_nbrs)
-    feats = reconstruct(model, target.features, gallery.features, nbrs, batch_size, device,
-                        progress, target_visibility=target.visibility, node_weight=weights,
-                        out=out)
+        g_nbrs = nbrs if same_split else gallery_nbrs
+        if g_nbrs is None:
+            with timer("gallery_search"):
+                g_nbrs = search_split(gallery, gallery, search, same_split=True,
+                                      index_cache=index_cache)
+        with timer("score"):
+            weights = outlier_weights(model, gallery if same_split else target, gallery,
+                                      nbrs, g_nbrs, search, index_cache)
+    with timer("reconstruct"):
+        feats = reconstruct(model, target.features, gallery.features, nbrs, batch_size,
+                            device, progress, target_visibility=target.visibility,
+                            node_weight=weights, out=out)
     return feats, nbrs
 
 

@@ -81,7 +81,7 @@ class SearchConfig:
     theta: float | None = None
     mode: str = "visible-mean"
     upper_body_parts: tuple[int, ...] | None = (0, 1)
-    index: str = "flat"
+    index: str = "auto"                       # flat up to search.AUTO_EXACT_MAX, else ivfpq
     nprobe: int | None = None                 # None: search.resolve_nprobe (measured)
     device: str | None = None                 # None: faiss on the CPU; else torch search there
 
@@ -543,7 +543,8 @@ def train_orgnn_once(train: PartFeatures, config: TrainConfig | None = None,
         return train_orgnn(train, config, progress=progress)
     model, blob = None, None
     if distributed.is_main():
-        model = train_orgnn(train, config, progress=progress)
+        with distributed.local():  # the others wait: no collective inside
+            model = train_orgnn(train, config, progress=progress)
         buffer = io.BytesIO()
         torch.save(_checkpoint_payload(model, model.train_config,
                                        getattr(model, "feature_space", None)), buffer)

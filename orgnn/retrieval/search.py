@@ -65,18 +65,29 @@ import faiss
 import numpy as np
 import torch
 
-from orgnn.io.storage import chunk_rows, iter_rows, release_rows, take_rows
+from orgnn.io.storage import chunk_rows, iter_rows, release_rows, rows_for, take_rows
 
-__all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods", "resolve_nprobe"]
+__all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods", "resolve_nprobe",
+           "resolve_index", "kth_part_similarity"]
 
 MODES = ("visible-mean", "intersection")
-INDEXES = ("flat", "ivf", "ivfpq")
+INDEXES = ("auto", "flat", "ivf", "ivfpq")
+#: ``index="auto"`` searches exactly (``flat``) up to this many gallery items and with
+#: ``ivfpq`` beyond: a gallery searching itself exactly is :math:`O(G^2)` work. Measured in
+#: ``docs/scale.md`` (per query, idle machine): exact 0.43 ms at 10^4 items and 4.26 ms at
+#: 10^5, IVF-PQ with exact re-ranking 0.80 ms and 1.44 ms: the crossing lies between.
+AUTO_EXACT_MAX = 50_000
+#: Candidates per wanted neighbour that :func:`kth_part_similarity` re-scores per part.
+KTH_POOL = 8
 #: faiss wants at least this many training points per IVF list.
 MIN_POINTS_PER_LIST = 39
 #: IVF lists visited per query when ``nprobe`` is None: ``nlist // NPROBE_DIVISOR``, at least
-#: :data:`MIN_NPROBE` (measured in ``docs/scale.md``: recall >= 0.95 up to 10^6 items).
-NPROBE_DIVISOR = 16
-MIN_NPROBE = 16
+#: :data:`MIN_NPROBE` (measured in ``docs/scale.md``: on cuhk03-parts' real features 16 of
+#: 48 lists found 0.92 of the exact neighbours and cost 1.5 mAP, 32 lost 0.15 mAP; on the
+#: synthetic galleries the time per query hardly depends on it, the exact re-ranking of
+#: the candidates dominates).
+NPROBE_DIVISOR = 8
+MIN_NPROBE = 32
 #: Candidates per kept neighbour that ``ivfpq`` re-ranks exactly when ``refine`` is None.
 DEFAULT_REFINE = 8
 #: Extra candidates the exact indexes fetch beyond K, so that a last-bit difference in a BLAS
@@ -241,13 +252,16 @@ def search_neighbourhoods(
         exclude: ``(Q,)`` int64 gallery index of each query itself, or ``-1``; never returned.
             Use it when a set searches itself (the gallery, or the training split).
         index: ``"flat"`` (exact), ``"ivf"`` (``IndexIVFFlat``) or ``"ivfpq"``
-            (``IndexIVFPQ`` + exact re-ranking), all inner product.
+            (``IndexIVFPQ`` + exact re-ranking), all inner product; ``"auto"``: ``flat``
+            up to :data:`AUTO_EXACT_MAX` gallery items, ``ivfpq`` beyond
+            (:func:`resolve_index`).
         nlist: IVF lists; default ``sqrt(G)``, clamped to ``G // 39`` so every list has
             enough training points (below 39 points the search falls back to flat, with a
             warning).
-        nprobe: IVF lists visited per query; default ``max(16, nlist // 16)``
+        nprobe: IVF lists visited per query; default ``max(32, nlist // 8)``
             (:func:`resolve_nprobe`).
-        batch_size: queries per index call.
+        batch_size: queries per index call (fewer where the candidates of a batch would
+            outgrow :func:`orgnn.io.storage.memory_budget`).
         search_parts: ``(Q, M)`` bool override of the parts to search with; when given,
             ``query_visible`` and ``upper_body_parts`` are not used to choose them.
         device: ``None`` for faiss on the CPU; a torch device for exact search with torch
@@ -313,6 +327,7 @@ def search_neighbourhoods(
     if nq == 0 or ng == 0:
         return Neighbourhoods(out_index, out_score, parts)
 
+    index = resolve_index(index, ng)
     if index != "flat":
         nlist = _ivf_nlist(nlist, ng)
         if nlist is None:
@@ -325,23 +340,106 @@ def search_neighbourhoods(
         per = k_search + CANDIDATE_MARGIN
     spec = _IndexSpec(index, nlist, None if nlist is None else resolve_nprobe(nlist, nprobe),
                       pq_m, opq, dev, gallery_chunk)
-    candidates = _candidates(query, parts, gallery, mode, min(per, ng), excl, batch_size, spec,
-                             index_cache)
-
-    for start in range(0, nq, batch_size):
-        sl = slice(start, min(start + batch_size, nq))
-        cand = candidates[sl]
-        if excl is not None:
-            cand = np.where(cand == excl[sl].reshape((-1,) + (1,) * (cand.ndim - 1)), -1, cand)
-        finish = _finish_visible_mean if mode == "visible-mean" else _finish_intersection
-        out_index[sl], out_score[sl] = finish(query[sl], parts[sl], gallery, cand, k, theta)
-        release_rows(gallery, 0, ng)
+    per = min(per, ng)
+    # Queries in blocks whose candidates and exact re-scoring fit the memory budget (the
+    # torch search streams the gallery once for all queries: one block).
+    width = per * (1 if mode == "visible-mean" else m)
+    step = rows_for(width * (8 * 6 + 8 * m), at_most=batch_size)
+    outer = nq if spec.kind == "flat" and dev is not None else step
+    cache = index_cache if index_cache is not None else {}
+    finish = _finish_visible_mean if mode == "visible-mean" else _finish_intersection
+    for b0 in range(0, nq, outer):
+        blk = slice(b0, min(b0 + outer, nq))
+        candidates = _candidates(query[blk], parts[blk], gallery, mode, per,
+                                 None if excl is None else excl[blk], step, spec, cache)
+        for start in range(blk.start, blk.stop, step):
+            sl = slice(start, min(start + step, blk.stop))
+            cand = candidates[sl.start - b0:sl.stop - b0]
+            if excl is not None:
+                cand = np.where(cand == excl[sl].reshape((-1,) + (1,) * (cand.ndim - 1)), -1,
+                                cand)
+            out_index[sl], out_score[sl] = finish(query[sl], parts[sl], gallery, cand, k, theta)
+            release_rows(gallery, 0, ng)
+        del candidates
     return Neighbourhoods(out_index, out_score, parts)
+
+
+def resolve_index(index: str, gallery_size: int) -> str:
+    """``index`` itself, or for ``"auto"``: ``"flat"`` (exact) up to
+    :data:`AUTO_EXACT_MAX` gallery items, ``"ivfpq"`` beyond."""
+    if index not in INDEXES:
+        raise ValueError(f"unknown index {index!r}; expected one of {INDEXES}")
+    if index == "auto":
+        return "flat" if gallery_size <= AUTO_EXACT_MAX else "ivfpq"
+    return index
+
+
+def kth_part_similarity(query: np.ndarray, gallery: np.ndarray, k: int, *,
+                        exclude: np.ndarray | None = None, index: str = "auto",
+                        pool: int = KTH_POOL, nlist: int | None = None,
+                        nprobe: int | None = None, device: str | torch.device | None = None,
+                        index_cache: dict | None = None, batch_size: int = 4096
+                        ) -> np.ndarray:
+    r"""``(Q, M)`` float32: per part :math:`p`, each query's cosine to its :math:`k`-th most
+    similar gallery item by that part,
+
+    .. math::
+        s_k^{(p)}(q) = \operatorname{kth\,max}_{j \in C(q)} \cos(\mathbf{x}_p(q),
+        \mathbf{x}_p(j)),
+
+    over candidates :math:`C(q)`: the ``pool x k`` best gallery items by the mean cosine over
+    *all* parts, proposed by the same index a visible-mean search builds (so
+    ``index_cache`` shares it with :func:`search_neighbourhoods`), re-scored exactly per
+    part. One search per query instead of one per part; the value is exact wherever the
+    candidates hold the part's true top ``k`` (measured against the exact per-part search
+    in ``docs/scale.md``), and never above it.
+
+    Args:
+        query: ``(Q, M, D)``; gallery: ``(G, M, D)`` (may be a memory map).
+        k: which neighbour (``min(k, G - 1)`` with ``exclude``).
+        exclude: ``(Q,)`` gallery index of each query itself, or ``-1``.
+        index, nlist, nprobe, device, index_cache, batch_size: as in
+            :func:`search_neighbourhoods`.
+        pool: candidates per ``k``.
+    """
+    query, gallery = _check_features(query, "query"), _check_features(gallery, "gallery")
+    nq, m, _ = query.shape
+    ng = gallery.shape[0]
+    if not _is_int(k) or k < 1 or not _is_int(pool) or pool < 1:
+        raise ValueError(f"k and pool must be integers >= 1, got k={k!r}, pool={pool!r}")
+    excl = _check_exclude(exclude, nq, ng)
+    out = np.zeros((nq, m), dtype=np.float32)
+    kk = min(int(k), ng - (excl is not None))
+    if nq == 0 or kk < 1:
+        return out
+    index = resolve_index(index, ng)
+    if index != "flat":
+        nlist = _ivf_nlist(nlist, ng)
+        if nlist is None:
+            index = "flat"
+    per = min(ng, pool * kk + int(excl is not None))
+    dev = _resolve_device(device)
+    spec = _IndexSpec(index, nlist, None if nlist is None else resolve_nprobe(nlist, nprobe),
+                      None, False, dev, None)
+    cache = index_cache if index_cache is not None else {}
+    parts = np.ones((nq, m), dtype=bool)
+    step = rows_for(per * (8 * 4 + 8 * 3 * m), at_most=batch_size)
+    for s in range(0, nq, step):
+        sl = slice(s, min(s + step, nq))
+        cand = _candidates(query[sl], parts[sl], gallery, "visible-mean", per,
+                           None if excl is None else excl[sl], step, spec, cache)
+        if excl is not None:
+            cand = np.where(cand == excl[sl, None], -1, cand)
+        cos = np.where(cand[..., None] >= 0, _cosines(query[sl], gallery, cand), -np.inf)
+        kth = -np.partition(-cos, kk - 1, axis=1)[:, kk - 1]                # (b, M)
+        out[sl] = np.where(np.isfinite(kth), kth, 0.0)
+        release_rows(gallery, 0, ng)
+    return out
 
 
 def resolve_nprobe(nlist: int, nprobe: int | None = None) -> int:
     """IVF lists visited per query: ``nprobe`` (at most ``nlist``), or by default
-    ``max(MIN_NPROBE, nlist // NPROBE_DIVISOR)``."""
+    ``max(MIN_NPROBE, nlist // NPROBE_DIVISOR)`` (``max(32, nlist // 8)``)."""
     if nprobe is None:
         nprobe = max(MIN_NPROBE, nlist // NPROBE_DIVISOR)
     return int(min(nprobe, nlist))
