@@ -58,3 +58,56 @@ def test_scaling_smoke(tmp_path):
                for r in rows)
     assert rows[0]["flat_recall"] == 1.0
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_rerank_scale_smoke(tmp_path):
+    from benchmarks import rerank_scale
+
+    out = rerank_scale.main(["--quick", "--queries", "80", "--gallery", "400", "--dim", "16",
+                             "--subset", "40", "200", "--oan", "--index", "ivf",
+                             "--output", str(tmp_path / "r.json")])
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["full"]["stages"].keys() == {"distance", "evaluate", "rerank",
+                                                "evaluate_rr"}
+    assert payload["subset"]["max_abs_diff_flat_vs_dense"] < 1e-5
+    assert 0 < out["full"]["peak_rss_gib"] < 8
+
+
+def test_gpu_check_smoke(tmp_path):
+    """The GPU script's every section on CPU, tiny sizes (one thread: an oversubscribed
+    machine makes OpenMP's two-thread regions wait for each other)."""
+    import faiss
+    import torch
+
+    from benchmarks import gpu_check
+
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        gpu_check.main(["--device", "cpu", "--quick", "--threads", "1", "--output",
+                        str(tmp_path / "g.json")])
+    finally:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(faiss_threads)
+    payload = json.loads((tmp_path / "g.json").read_text())
+    assert set(payload["section_wall_s"]) == {"layer", "pipeline", "fen", "rerank"}
+    assert {"gat", "dense"} <= set(payload["layer"]["results"][0]["candidates"])
+    assert payload["pipeline"]["results"][0]["preset"] == "occluded_duke"
+    assert payload["fen"]["inference_float32"]["images_per_s"] > 0
+    assert payload["fen"]["train_float32"]["images_per_s"] > 0
+    assert payload["rerank"]["subset"]["max_abs_diff_flat_vs_dense"] < 1e-5
+
+
+def test_gpu_check_needs_cuda(capsys):
+    import torch
+
+    from benchmarks import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.main(["--output", "unused.json"])
+    assert exc.value.code == 2
+    assert "no CUDA device here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--device", "cpu"])  # a CPU run must say --quick
+    assert "only with --quick" in capsys.readouterr().err

@@ -131,7 +131,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--aqe", action="store_true",
                     help="average query expansion first (FastReID's: top 5, weights sim^3, "
                          "one round); with --distance visible-global")
-    ev.add_argument("--rerank", action="store_true", help="apply k-reciprocal re-ranking")
+    ev.add_argument("--rerank", action="store_true",
+                    help="apply k-reciprocal re-ranking (from the features, without "
+                         "query-query and gallery-gallery matrices, when those would not "
+                         "fit in memory)")
     ev.add_argument("--json", type=output_file, metavar="FILE",
                     help="also write the metrics and query counts to this JSON file")
     ev.set_defaults(func=_evaluate)
@@ -716,7 +719,12 @@ def _alive(pid: int) -> bool:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from orgnn.io.features import load_split_dir
-    from orgnn.reconstruction.pipeline import METRIC_KEYS, oan_parts, part_distance
+    from orgnn.reconstruction.pipeline import (
+        METRIC_KEYS,
+        oan_parts,
+        part_distance,
+        rerank_distances,
+    )
     from orgnn.retrieval import metrics
 
     splits = load_split_dir(args.data, splits=("query", "gallery"))
@@ -746,14 +754,13 @@ def _evaluate(args: argparse.Namespace) -> int:
             qf, gf = average_query_expansion(qf, gf)
         dist = cosine_distance(qf, gf)
         if args.rerank:
-            dist = metrics.re_ranking(dist, cosine_distance(qf, qf), cosine_distance(gf, gf))
+            dist = rerank_distances(qf, gf, dist)
     else:
         q_parts = oan_parts(q.visible) if args.distance == "oan" else None
         g_parts = oan_parts(g.visible) if args.distance == "oan" else None
         dist = part_distance(q.features, g.features, q_parts)
         if args.rerank:
-            dist = metrics.re_ranking(dist, part_distance(q.features, q.features, q_parts),
-                                      part_distance(g.features, g.features, g_parts))
+            dist = rerank_distances(q.features, g.features, dist, q_parts, g_parts)
     result = metrics.evaluate(dist, q.pids, g.pids, q.camids, g.camids)
     assert result["num_valid_queries"] == counts["scored"]
     row = {k: round(100 * float(result[k]), 2) for k in METRIC_KEYS}

@@ -27,7 +27,7 @@ from orgnn.reconstruction.calibration import calibrate_theta
 from orgnn.reconstruction.graphs import map_dense_batches
 from orgnn.reconstruction.outliers import prior_weights, score_split
 from orgnn.reconstruction.training import SearchConfig, TrainConfig, train_orgnn_once
-from orgnn.retrieval import metrics
+from orgnn.retrieval import metrics, rerank
 from orgnn.retrieval.query_expansion import (
     average_query_expansion,
     cosine_distance,
@@ -80,6 +80,30 @@ def oan_parts(visible: np.ndarray) -> np.ndarray:
     """The parts an "+OAN" distance averages over: the visible ones (all, if none is)."""
     visible = np.asarray(visible, dtype=bool)
     return np.where(visible.any(1, keepdims=True), visible, True)
+
+
+def rerank_distances(q_feats: np.ndarray, g_feats: np.ndarray, dist: np.ndarray,
+                     q_parts: np.ndarray | None = None, g_parts: np.ndarray | None = None,
+                     k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                     max_dense_bytes: int | None = None) -> np.ndarray:
+    """k-reciprocal re-ranking of ``dist`` ``(Q, G)``: the :func:`part_distance` of part
+    features ``(N, M, D)``, or the cosine distance of global features ``(N, D)``
+    (:func:`orgnn.retrieval.query_expansion.cosine_distance`, one "part").
+    :func:`orgnn.retrieval.metrics.re_ranking` on the dense matrices when they fit
+    (:func:`orgnn.retrieval.rerank.dense_fits`, ``max_dense_bytes``), else
+    :func:`orgnn.retrieval.rerank.re_ranking_features`, which writes its result into
+    ``dist``."""
+    if rerank.dense_fits(len(q_feats), len(g_feats), max_dense_bytes):
+        if np.ndim(q_feats) == 2:
+            q_q, g_g = cosine_distance(q_feats, q_feats), cosine_distance(g_feats, g_feats)
+        else:
+            q_q = part_distance(q_feats, q_feats, q_parts)
+            g_g = part_distance(g_feats, g_feats, g_parts)
+        return metrics.re_ranking(dist, q_q, g_g, k1, k2, lambda_value)
+    if np.ndim(q_feats) == 2:
+        q_feats, g_feats = q_feats[:, None], g_feats[:, None]
+    return rerank.re_ranking_features(q_feats, g_feats, q_parts, g_parts, k1, k2, lambda_value,
+                                      q_g_dist=dist, out=dist)
 
 
 # --------------------------------------------------------------------------------------
@@ -362,9 +386,8 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
                                                       query.camids, gallery.camids))
         if rerank in rows:
             with timer("rerank"):
-                final = metrics.re_ranking(dist, part_distance(q_feats, q_feats, q_parts),
-                                           part_distance(g_feats, g_feats, g_parts),
-                                           config.k1, config.k2, config.lambda_value)
+                final = rerank_distances(q_feats, g_feats, dist, q_parts, g_parts,
+                                         config.k1, config.k2, config.lambda_value)
                 results[rerank] = _percent(metrics.evaluate(final, query.pids, gallery.pids,
                                                             query.camids, gallery.camids))
 
@@ -380,9 +403,8 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
                                                           query.camids, gallery.camids))
         if rerank in rows:
             with timer("rerank"):
-                final = metrics.re_ranking(dist, cosine_distance(q_feats, q_feats),
-                                           cosine_distance(g_feats, g_feats),
-                                           config.k1, config.k2, config.lambda_value)
+                final = rerank_distances(q_feats, g_feats, dist, k1=config.k1, k2=config.k2,
+                                         lambda_value=config.lambda_value)
                 results[rerank] = _percent(metrics.evaluate(final, query.pids, gallery.pids,
                                                             query.camids, gallery.camids))
 

@@ -5,7 +5,7 @@ Both functions take numpy arrays or torch tensors and work on the CPU with numpy
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -391,16 +391,50 @@ def re_ranking(
     O = _Blocks(q_g, q_q, g_g, block=_ROW_BLOCK)
 
     # 1. nearest-neighbour lists N(i, k): the first columns of the original's argsort
-    k_f = min(k1 + 1, n)
-    k_h = min(int(np.around(k1 / 2.0)) + 1, n)
-    k_q = min(k2, n)
-    knn = np.empty((n, max(k_f, k_q)), dtype=np.int64)
+    knn = np.empty((n, _knn_width(n, k1, k2)), dtype=np.int64)
     for start, stop in O.row_blocks():
         rows = O.raw_rows(start, stop)
         O.row_max[start:stop] = rows.max(axis=1)
         rows /= O.row_max[start:stop, None]
         knn[start:stop] = _argsort_head(rows, knn.shape[1])
         del rows
+
+    # 2.-4. k-reciprocal sets, Gaussian weights, local query expansion: sparse V~
+    rows, cols, vals = _expanded_v(knn, O.gather, k1, k2)
+    del knn
+
+    # 5.-6. Jaccard distance, blended with the original distance O[:Q, Q:] = q_g**2 / row_max
+    out = np.empty((num_q, num_g), dtype=np.float32)
+    for start, stop, jaccard in _jaccard_blocks(rows, cols, vals, num_q, n, _MAX_PAIRS):
+        orig = O.square(q_g[start:stop]) / O.row_max[start:stop, None]
+        out[start:stop] = jaccard * (1 - lambda_value) + orig * lambda_value
+    return out
+
+
+def _knn_width(n: int, k1: int, k2: int) -> int:
+    """Columns of the neighbour lists :func:`_expanded_v` needs: ``k1 + 1`` and ``k2``."""
+    return min(max(k1 + 1, k2), n)
+
+
+def _expanded_v(knn: np.ndarray, gather: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                k1: int, k2: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Steps 2-4 of :func:`re_ranking`: the k-reciprocal sets :math:`R^*(i)`, their Gaussian
+    weights :math:`V` and the local query expansion :math:`\tilde V`, all sparse.
+
+    Args:
+        knn: ``(N, >= min(max(k1 + 1, k2), N))`` neighbour lists ``N(i, .)`` under :math:`O`
+            (itself first, ties by index), the first columns of a stable argsort.
+        gather: ``gather(i, j)`` returns :math:`O_{ij}` for index arrays ``i``, ``j``.
+        k1, k2: as in :func:`re_ranking`.
+
+    Returns:
+        ``rows, cols, vals``: the non-zeros of :math:`\tilde V` sorted by row, then column
+        (``vals`` float32).
+    """
+    n = knn.shape[0]
+    k_f = min(k1 + 1, n)
+    k_h = min(int(np.around(k1 / 2.0)) + 1, n)
+    k_q = min(k2, n)
 
     # 2. k-reciprocal sets R(i, k1), R(c, k1/2) and the expansion R*(i)
     fwd, half = knn[:, :k_f], knn[:, :k_h]
@@ -423,12 +457,12 @@ def re_ranking(
         sel = take[..., None] & cand_ok
         parts_r.append(np.nonzero(sel)[0] + start)
         parts_c.append(cand[sel])
-    del rec, half_rec, half_size
+    del rec, half_rec, half_size, in_r_mark
     rows, cols, _ = _unique_sum(np.concatenate(parts_r), np.concatenate(parts_c), None, n)
     del parts_r, parts_c
 
     # 3. Gaussian weights, normalised per row: V in CSR-like form (rows sorted)
-    weight = np.exp(-O.gather(rows, cols))
+    weight = np.exp(-gather(rows, cols))
     vals = weight / np.bincount(rows, weights=weight, minlength=n)[rows]
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))])
 
@@ -441,28 +475,19 @@ def re_ranking(
         rows, cols, vals = _unique_sum(owner, cols[pos], vals[pos], n)
         vals = vals / k_q
         del nb, counts, pos, owner
-    del knn
-    vals = vals.astype(np.float32)
-
-    # 5. Jaccard distance, query rows x gallery columns: sum_l min(V_il, V_jl) over shared l
-    jaccard = _jaccard_query_gallery(rows, cols, vals, num_q, n, _MAX_PAIRS)
-
-    # 6. blend with the original distance O[:Q, Q:] = q_g**2 / row_max
-    out = np.empty((num_q, num_g), dtype=np.float32)
-    for start in range(0, num_q, _ROW_BLOCK):
-        stop = min(start + _ROW_BLOCK, num_q)
-        orig = O.square(q_g[start:stop]) / O.row_max[start:stop, None]
-        out[start:stop] = jaccard[start:stop] * (1 - lambda_value) + orig * lambda_value
-    return out
+    return rows, cols, vals.astype(np.float32)
 
 
-def _jaccard_query_gallery(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, num_q: int,
-                           n: int, max_pairs: int) -> np.ndarray:
+def _jaccard_blocks(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, num_q: int, n: int,
+                    max_pairs: int) -> Iterator[tuple[int, int, np.ndarray]]:
     r"""Jaccard distance :math:`1 - m / (2 - m)`, :math:`m = \sum_l \min(V_{il}, V_{jl})`,
-    between query rows ``i < num_q`` and gallery rows ``j >= num_q`` of a sparse ``V``.
+    between query rows ``i < num_q`` and gallery rows ``j >= num_q`` of a sparse ``V``,
+    yielded as ``(start, stop, block)`` with ``block`` the float32 ``(stop - start, G)``
+    distances of queries ``start:stop``.
 
     Every pair of non-zeros sharing a column contributes one ``min``; pairs are generated per
-    group of queries holding at most ``max_pairs`` of them and summed with ``bincount``.
+    group of queries holding at most ``max_pairs`` of them (and at most ``max_pairs`` cells
+    of the block) and summed with ``bincount``.
     """
     num_g = n - num_q
     is_q = rows < num_q
@@ -477,11 +502,11 @@ def _jaccard_query_gallery(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray,
     pairs = g_count[q_cols]  # pairs contributed by each query non-zero
     per_query = np.bincount(q_rows, weights=pairs, minlength=num_q)
     q_ptr = np.searchsorted(q_rows, np.arange(num_q + 1))
-    jaccard = np.empty((num_q, num_g), dtype=np.float32)
+    max_rows = max(1, max_pairs // max(num_g, 1))
     start = 0
     while start < num_q:
         # grow the group while it stays under max_pairs (at least one query)
-        cum = np.cumsum(per_query[start:])
+        cum = np.cumsum(per_query[start:start + max_rows])
         stop = start + max(1, int(np.searchsorted(cum, max_pairs, side="right")))
         lo, hi = q_ptr[start], q_ptr[stop]
         c = pairs[lo:hi]
@@ -490,6 +515,6 @@ def _jaccard_query_gallery(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray,
         mins = np.minimum(np.repeat(q_vals[lo:hi], c), g_vals[pos])
         m = np.bincount(local * num_g + g_rows[pos], weights=mins,
                         minlength=(stop - start) * num_g).astype(np.float32)
-        jaccard[start:stop] = (1 - m / (2.0 - m)).reshape(stop - start, num_g)
+        del c, pos, local, mins
+        yield start, stop, (1 - m / (2.0 - m)).reshape(stop - start, num_g)
         start = stop
-    return jaccard
