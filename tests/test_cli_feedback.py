@@ -38,8 +38,8 @@ def world(tmp_path_factory):
                              for k, v in splits.items()})
     ckpt = base / "model.pt"
     proc = subprocess.run([sys.executable, "-m", "orgnn.cli", "train", "--data", str(data),
-                           "--out", str(ckpt)], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+                           "--out", str(ckpt), "--epochs", "0"], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return {"base": base, "data": data, "foreign": foreign, "ckpt": ckpt, "train": proc,
             "splits": splits}
