@@ -143,7 +143,8 @@ def test_demo_shows_stage_progress_and_no_empty_epoch_bar(capsys):
 def test_stage_bar_counts_every_stage_once(world, capsys, theta, total):
     from orgnn.reconstruction.training import TrainConfig, train_orgnn
 
-    train_orgnn(world["splits"]["train"], TrainConfig(epochs=0, theta=theta, k=10),
+    train_orgnn(world["splits"]["train"], TrainConfig(epochs=0, theta=theta, k=10,
+                                                  classifier_init="imprint"),
                 progress=True)
     err = capsys.readouterr().err
     assert f"{total}/{total} stages" in err and f"{total + 1}/{total}" not in err
