@@ -154,6 +154,21 @@ def measured(row: dict[str, Any], name: str):
     row["stage_rss_peak_mib"][name] = hwm / 1024
 
 
+def stage_clock(row: dict[str, Any], label: str):
+    """``with stage(name):`` is :func:`measured` plus the stage's CPU seconds
+    (``row["stage_cpu_s"]``), printed after ``label``."""
+    @contextmanager
+    def stage(name: str):
+        cpu = time.process_time()
+        with measured(row, name):
+            yield
+        row["stage_cpu_s"][name] = time.process_time() - cpu
+        print(f"  {label}{name}: {row['stage_cpu_s'][name]:.1f} CPU s, RSS peak "
+              f"{row['stage_rss_peak_mib'][name]:.0f} MiB", flush=True)
+
+    return stage
+
+
 def _partial(row: dict[str, Any], args: argparse.Namespace) -> None:
     """The stages of a size measured so far, in ``--workdir`` (a size too large to finish
     in the time at hand still leaves its first figures)."""
@@ -549,14 +564,7 @@ def sampled_row(size: int, ckpt: Path, args: argparse.Namespace) -> dict[str, An
                            "stage_s": {}, "stage_cpu_s": {}, "stage_peak_mib": {},
                            "stage_rss_peak_mib": {}}
 
-    @contextmanager
-    def stage(name: str):
-        cpu = time.process_time()
-        with measured(row, name):
-            yield
-        row["stage_cpu_s"][name] = time.process_time() - cpu
-        print(f"  G={size} {name}: {row['stage_cpu_s'][name]:.1f} CPU s, RSS peak "
-              f"{row['stage_rss_peak_mib'][name]:.0f} MiB", flush=True)
+    stage = stage_clock(row, f"G={size} ")
 
     cache: dict = {}
     kw = dict(k=cfg.k, theta=cfg.theta, index="ivfpq", index_cache=cache)
@@ -680,14 +688,7 @@ def full_k_row(args: argparse.Namespace) -> dict[str, Any]:
     row: dict[str, Any] = {"stage_s": {}, "stage_cpu_s": {}, "stage_peak_mib": {},
                            "stage_rss_peak_mib": {}}
 
-    @contextmanager
-    def stage(name: str):
-        cpu = time.process_time()
-        with measured(row, name):
-            yield
-        row["stage_cpu_s"][name] = time.process_time() - cpu
-        print(f"  K = G, {name}: {row['stage_cpu_s'][name]:.1f} CPU s, RSS peak "
-              f"{row['stage_rss_peak_mib'][name]:.0f} MiB", flush=True)
+    stage = stage_clock(row, "K = G, ")
 
     with stage("load"):
         model, _ = load_checkpoint(ckpt)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orgnn.retrieval.query_expansion import (
-    average_query_expansion,
-    cosine_distance,
-    visible_global_feature,
-)
+from orgnn.reconstruction.pipeline import part_distance
+from orgnn.retrieval.query_expansion import average_query_expansion, visible_global_feature
 
 
 def _fastreid_aqe(query: np.ndarray, gallery: np.ndarray, qe_times: int, qe_k: int,
@@ -59,7 +56,7 @@ def test_visible_global_feature_by_hand():
     np.testing.assert_allclose(out[0], [2 ** -0.5, 2 ** -0.5, 0], atol=1e-6)
     summed = np.array([2 ** -0.5 + 1, 2 ** -0.5, 1.0])
     np.testing.assert_allclose(out[1], summed / np.linalg.norm(summed), atol=1e-6)
-    dist = cosine_distance(out, out)
+    dist = part_distance(out[:, None], out[:, None])          # one part: cosine distance
     np.testing.assert_allclose(np.diag(dist), 0, atol=1e-6)
     assert dist[0, 1] == pytest.approx(1 - out[0] @ out[1], abs=1e-6)
     with pytest.raises(ValueError, match=r"\(N, M, D\)"):

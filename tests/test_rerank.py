@@ -109,7 +109,10 @@ def test_large_sets_take_the_feature_path(monkeypatch):
 
 def test_global_features_take_the_feature_path_too():
     """(N, D) global features: cosine distance, one "part" on the feature path."""
-    from orgnn.retrieval.query_expansion import cosine_distance
+    from orgnn.reconstruction.pipeline import part_distance
+
+    def cosine_distance(a, b):     # a global feature is one part
+        return part_distance(a[:, None], b[:, None])
 
     q, g, _, _ = _world(13)
     qf, gf = q.reshape(len(q), -1), g.reshape(len(g), -1).astype(np.float32)

@@ -32,7 +32,7 @@ from orgnn.cli.args import (
     output_dir,
     output_file,
 )
-from orgnn.io.atomic import write_json_atomic
+from orgnn.io.atomic import pid_alive, write_json_atomic
 
 __all__ = ["register", "write_json_atomic"]
 
@@ -700,21 +700,11 @@ def _remove_stale_scratch(parent: Path, name: str, grace_s: float = 600.0) -> No
         except OSError:
             owner = []
         if len(owner) == 2:
-            if owner[0] != host or _alive(int(owner[1])):
+            if owner[0] != host or pid_alive(int(owner[1])):
                 continue
         elif time.time() - folder.stat().st_mtime < grace_s:
             continue
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -741,26 +731,23 @@ def _evaluate(args: argparse.Namespace) -> int:
                         oan=args.distance in ("oan", "visible-global"))
     counts = query_counts(q, g)
     check_scored(counts)
-    if args.distance == "visible-global":
+    q_feats, g_feats = q.features, g.features
+    if args.distance == "visible-global":  # one part per image: the cosine distance
         from orgnn.retrieval.query_expansion import (
             average_query_expansion,
-            cosine_distance,
             visible_global_feature,
         )
 
-        qf, gf = visible_global_feature(q.features, q.visible), visible_global_feature(
-            g.features, g.visible)
+        q_feats = visible_global_feature(q.features, q.visible)
+        g_feats = visible_global_feature(g.features, g.visible)
         if args.aqe:
-            qf, gf = average_query_expansion(qf, gf)
-        dist = cosine_distance(qf, gf)
-        if args.rerank:
-            dist = rerank_distances(qf, gf, dist)
-    else:
-        q_parts = oan_parts(q.visible) if args.distance == "oan" else None
-        g_parts = oan_parts(g.visible) if args.distance == "oan" else None
-        dist = part_distance(q.features, g.features, q_parts)
-        if args.rerank:
-            dist = rerank_distances(q.features, g.features, dist, q_parts, g_parts)
+            q_feats, g_feats = average_query_expansion(q_feats, g_feats)
+        q_feats, g_feats = q_feats[:, None], g_feats[:, None]
+    q_parts = oan_parts(q.visible) if args.distance == "oan" else None
+    g_parts = oan_parts(g.visible) if args.distance == "oan" else None
+    dist = part_distance(q_feats, g_feats, q_parts)
+    if args.rerank:
+        dist = rerank_distances(q_feats, g_feats, dist, q_parts, g_parts)
     result = metrics.evaluate(dist, q.pids, g.pids, q.camids, g.camids)
     assert result["num_valid_queries"] == counts["scored"]
     row = {k: round(100 * float(result[k]), 2) for k in METRIC_KEYS}

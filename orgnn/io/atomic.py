@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_write", "write_json_atomic", "file_mode", "dir_mode",
-           "signals_held", "committed", "FileSet", "replace_dir", "sha256_file"]
+           "signals_held", "committed", "FileSet", "replace_dir", "sha256_file", "pid_alive"]
 
 #: Paths this process has made visible (each complete), in commit order.
 committed: list[str] = []
@@ -256,7 +256,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"cannot swap {b} with its new version: {os.strerror(err)}", str(b))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (this process counts as running)."""
     if pid == os.getpid():
         return True
     try:
@@ -281,7 +282,7 @@ def recover_dir(path: str | os.PathLike) -> None:
     with contextlib.suppress(OSError):
         for entry in path.parent.iterdir():
             match = pattern.match(entry.name)
-            if match and entry.is_dir() and not _pid_alive(int(match.group(1))):
+            if match and entry.is_dir() and not pid_alive(int(match.group(1))):
                 shutil.rmtree(entry, ignore_errors=True)
 
 

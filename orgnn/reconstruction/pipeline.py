@@ -28,11 +28,7 @@ from orgnn.reconstruction.graphs import map_dense_batches
 from orgnn.reconstruction.outliers import prior_weights, score_split
 from orgnn.reconstruction.training import SearchConfig, TrainConfig, train_orgnn_once
 from orgnn.retrieval import metrics, rerank
-from orgnn.retrieval.query_expansion import (
-    average_query_expansion,
-    cosine_distance,
-    visible_global_feature,
-)
+from orgnn.retrieval.query_expansion import average_query_expansion, visible_global_feature
 from orgnn.retrieval.search import Neighbourhoods, search_neighbourhoods
 
 #: Every row of SPEC §6, in table order.
@@ -87,21 +83,17 @@ def rerank_distances(q_feats: np.ndarray, g_feats: np.ndarray, dist: np.ndarray,
                      k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
                      max_dense_bytes: int | None = None) -> np.ndarray:
     """k-reciprocal re-ranking of ``dist`` ``(Q, G)``: the :func:`part_distance` of part
-    features ``(N, M, D)``, or the cosine distance of global features ``(N, D)``
-    (:func:`orgnn.retrieval.query_expansion.cosine_distance`, one "part").
+    features ``(N, M, D)``; global features ``(N, D)`` count as one part.
     :func:`orgnn.retrieval.metrics.re_ranking` on the dense matrices when they fit
     (:func:`orgnn.retrieval.rerank.dense_fits`, ``max_dense_bytes``), else
     :func:`orgnn.retrieval.rerank.re_ranking_features`, which writes its result into
     ``dist``."""
-    if rerank.dense_fits(len(q_feats), len(g_feats), max_dense_bytes):
-        if np.ndim(q_feats) == 2:
-            q_q, g_g = cosine_distance(q_feats, q_feats), cosine_distance(g_feats, g_feats)
-        else:
-            q_q = part_distance(q_feats, q_feats, q_parts)
-            g_g = part_distance(g_feats, g_feats, g_parts)
-        return metrics.re_ranking(dist, q_q, g_g, k1, k2, lambda_value)
     if np.ndim(q_feats) == 2:
         q_feats, g_feats = q_feats[:, None], g_feats[:, None]
+    if rerank.dense_fits(len(q_feats), len(g_feats), max_dense_bytes):
+        return metrics.re_ranking(dist, part_distance(q_feats, q_feats, q_parts),
+                                  part_distance(g_feats, g_feats, g_parts), k1, k2,
+                                  lambda_value)
     return rerank.re_ranking_features(q_feats, g_feats, q_parts, g_parts, k1, k2, lambda_value,
                                       q_g_dist=dist, out=dist)
 
@@ -391,23 +383,6 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
                 results[rerank] = _percent(metrics.evaluate(final, query.pids, gallery.pids,
                                                             query.camids, gallery.camids))
 
-    def score_global(name: str, q_feats: np.ndarray, g_feats: np.ndarray,
-                     rerank: str) -> None:
-        """A peer row on global features (cosine distance), and its re-ranked twin."""
-        if not distributed.is_main():
-            return
-        with timer("evaluate"):
-            dist = cosine_distance(q_feats, g_feats)
-            if name in rows:
-                results[name] = _percent(metrics.evaluate(dist, query.pids, gallery.pids,
-                                                          query.camids, gallery.camids))
-        if rerank in rows:
-            with timer("rerank"):
-                final = rerank_distances(q_feats, g_feats, dist, k1=config.k1, k2=config.k2,
-                                         lambda_value=config.lambda_value)
-                results[rerank] = _percent(metrics.evaluate(final, query.pids, gallery.pids,
-                                                            query.camids, gallery.camids))
-
     def model_for(outlier_aware: bool) -> ORGNN:
         key = "orgnn" if outlier_aware else "oan_gnn"
         if key not in models:
@@ -461,15 +436,15 @@ def run_ablation(splits: dict[str, PartFeatures], config: AblationConfig | None 
         empty["query_all_parts"] = q_all.num_empty
         score("gnn", *run_model(model_for(True), q_all, g_all, use_oan=False))
 
-    if set(PEER_ROWS) & set(rows):
+    if set(PEER_ROWS) & set(rows):  # global features: one part each (cosine distance)
         q_glob = visible_global_feature(query.features, query.visible)
         g_glob = visible_global_feature(gallery.features, gallery.visible)
         if {"vis_global", "vis_global_rr"} & set(rows):
-            score_global("vis_global", q_glob, g_glob, rerank="vis_global_rr")
+            score("vis_global", q_glob[:, None], g_glob[:, None], rerank="vis_global_rr")
         if {"aqe", "aqe_rr"} & set(rows):
-            score_global("aqe", *average_query_expansion(
-                q_glob, g_glob, config.aqe_k, config.aqe_alpha, config.aqe_times),
-                rerank="aqe_rr")
+            q_aqe, g_aqe = average_query_expansion(q_glob, g_glob, config.aqe_k,
+                                                   config.aqe_alpha, config.aqe_times)
+            score("aqe", q_aqe[:, None], g_aqe[:, None], rerank="aqe_rr")
 
     ordered = {name: results[name] for name in ABLATION_ROWS if name in results}
     timings = {k: round(v, 3) for k, v in timer.timings.items()}

@@ -9,7 +9,9 @@ The visible-part global feature of image :math:`a` with part features
                          {\big\|\sum_{k \in S_a} \hat{\mathbf{x}}_k(a)\big\|},
     \qquad \hat{\mathbf{x}} = \mathbf{x} / \|\mathbf{x}\|,
 
-compared by cosine distance :math:`1 - \langle \mathbf{g}(a), \mathbf{g}(b) \rangle`.
+compared by cosine distance :math:`1 - \langle \mathbf{g}(a), \mathbf{g}(b) \rangle`: the
+retrieval distance of SPEC §5 with one part
+(:func:`orgnn.reconstruction.pipeline.part_distance` on ``g[:, None]``).
 
 Average query expansion (alpha-QE, as FastReID's ``aqe`` ships it): query and gallery
 features are expanded together; in each round every feature becomes the mean of its top
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["visible_global_feature", "average_query_expansion", "cosine_distance"]
+__all__ = ["visible_global_feature", "average_query_expansion"]
 
 
 def visible_global_feature(features: np.ndarray, visible: np.ndarray) -> np.ndarray:
@@ -45,14 +47,6 @@ def visible_global_feature(features: np.ndarray, visible: np.ndarray) -> np.ndar
     x = F.normalize(torch.as_tensor(feats, dtype=torch.float32), dim=-1)
     summed = (x * torch.from_numpy(parts).unsqueeze(-1).to(x.dtype)).sum(1)
     return F.normalize(summed, dim=-1).numpy()
-
-
-@torch.inference_mode()
-def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``(A, B)`` float32 ``1 - cos`` between the rows of ``a`` and ``b``."""
-    an = F.normalize(torch.as_tensor(np.asarray(a), dtype=torch.float32), dim=-1)
-    bn = F.normalize(torch.as_tensor(np.asarray(b), dtype=torch.float32), dim=-1)
-    return (1 - an @ bn.T).numpy()
 
 
 @torch.inference_mode()
