@@ -199,24 +199,31 @@ def _advise(x: np.ndarray, advice: int) -> None:
         mm.madvise(advice)
 
 
-def take_rows(x: np.ndarray, index: np.ndarray, rows: int = TAKE_ROWS) -> np.ndarray:
-    """``x[index]`` for an integer ``index`` of any shape. From a memory map the rows are read
-    ``rows`` at a time without read-ahead (``MADV_RANDOM``), and each batch's pages are handed
-    back before the next: scattered rows of a 30 GB file would otherwise leave every page the
-    kernel read around them in the process' resident set."""
+def take_rows(x: np.ndarray, index: np.ndarray, rows: int = TAKE_ROWS,
+              parts: np.ndarray | None = None) -> np.ndarray:
+    """``x[index]`` for an integer ``index`` of any shape; with ``parts`` (integers along
+    axis 1) only those: ``x[index][:, ..., parts]``, gathered without copying the rest of
+    each row. From a memory map the rows are read ``rows`` at a time without read-ahead
+    (``MADV_RANDOM``), and each batch's pages are handed back before the next: scattered
+    rows of a 30 GB file would otherwise leave every page the kernel read around them in the
+    process' resident set."""
     index = np.asarray(index)
+    if parts is not None:
+        parts = np.asarray(parts)
     if _mmap_of(x) is None:
-        return np.asarray(x[index])
+        return np.asarray(x[index] if parts is None else x[index[..., None], parts])
     flat = index.reshape(-1)
-    out = np.empty((flat.size,) + x.shape[1:], dtype=x.dtype)
+    tail = x.shape[1:] if parts is None else (parts.size,) + x.shape[2:]
+    out = np.empty((flat.size,) + tail, dtype=x.dtype)
     _advise(x, mmap.MADV_RANDOM)
     try:
         for start in range(0, flat.size, rows):
-            out[start:start + rows] = x[flat[start:start + rows]]
+            sub = flat[start:start + rows]
+            out[start:start + rows] = x[sub] if parts is None else x[sub[:, None], parts]
             release_rows(x, 0, x.shape[0])
     finally:
         _advise(x, mmap.MADV_NORMAL)
-    return out.reshape(index.shape + x.shape[1:])
+    return out.reshape(index.shape + tail)
 
 
 def chunk_rows(x: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> int:

@@ -48,6 +48,17 @@ float32 scores of BLAS can differ in the last bit between those; the recomputed 
   item instead of ``4 M D``; its approximate scores only pick ``refine x K`` candidates, which
   are re-ranked exactly from the (float16) features.
 
+**Few searching parts.** The IVF lists and the product quantiser are learnt on vectors of
+all ``M`` parts. A visible-mean query that searches with ``|S| < M`` of them (a fully
+visible image: two of six) is a weaker guide to the lists (their centroids' other parts do
+not count) and has a larger quantiser error relative to its score (averaged over fewer
+sub-vectors), so it visits ``ceil(nprobe * M / |S|)`` lists and re-ranks
+``ceil(refine * M / |S|)`` candidates per neighbour (:func:`resolve_nprobe`,
+:func:`resolve_refine`); its exact re-ranking reads only its ``|S|`` parts. Queries are
+grouped by ``|S|`` within each call, so these figures depend on each query alone. The
+intersection mode (one index per part) and :func:`kth_part_similarity` (all parts) are
+not scaled.
+
 With ``ivf``/``ivfpq`` and a CUDA ``device`` the faiss index moves to that GPU when the
 installed faiss has GPU support (``faiss-gpu``); otherwise it stays on the CPU. Zero part
 vectors have cosine 0 with everything (never NaN). faiss' global thread count is left as it
@@ -68,7 +79,7 @@ import torch
 from orgnn.io.storage import chunk_rows, iter_rows, release_rows, rows_for, take_rows
 
 __all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods", "resolve_nprobe",
-           "resolve_index", "kth_part_similarity"]
+           "resolve_refine", "resolve_index", "kth_part_similarity"]
 
 MODES = ("visible-mean", "intersection")
 INDEXES = ("auto", "flat", "ivf", "ivfpq")
@@ -258,8 +269,11 @@ def search_neighbourhoods(
         nlist: IVF lists; default ``sqrt(G)``, clamped to ``G // 39`` so every list has
             enough training points (below 39 points the search falls back to flat, with a
             warning).
-        nprobe: IVF lists visited per query; default ``max(32, nlist // 8)``
-            (:func:`resolve_nprobe`).
+        nprobe: IVF lists visited per query that searches with all ``M`` parts; default
+            ``max(32, nlist // 8)``. In visible-mean mode a query searching with ``|S|`` of
+            them visits ``ceil(nprobe * M / |S|)`` (at most ``nlist``): a fully visible image
+            (two upper-body parts of six) three times as many. A given ``nprobe`` is scaled
+            the same way (:func:`resolve_nprobe`).
         batch_size: queries per index call (fewer where the candidates of a batch would
             outgrow :func:`orgnn.io.storage.memory_budget`).
         search_parts: ``(Q, M)`` bool override of the parts to search with; when given,
@@ -271,7 +285,8 @@ def search_neighbourhoods(
             dimension (``M D`` for visible-mean, ``D`` per part for intersection); default
             about ``dim / 16`` (at least 8).
         opq: ``ivfpq`` with an OPQ rotation learnt before the product quantiser.
-        refine: ``ivfpq`` candidates re-ranked exactly per neighbour (default 8).
+        refine: ``ivfpq`` candidates re-ranked exactly per neighbour by an all-parts query
+            (default 8); scaled as ``nprobe`` in visible-mean mode (:func:`resolve_refine`).
         gallery_chunk: gallery rows per chunk of the torch search and of index building
             (default: about 256 MiB of float32).
         index_cache: a dict kept by the caller to reuse the faiss indexes built for *this*
@@ -334,34 +349,56 @@ def search_neighbourhoods(
             index = "flat"
     # One more per excluded query, so that dropping the query itself still leaves k.
     k_search = min(k + int(excl is not None), ng)
-    if index == "ivfpq":
-        per = k_search * (DEFAULT_REFINE if refine is None else int(refine))
-    else:
-        per = k_search + CANDIDATE_MARGIN
-    spec = _IndexSpec(index, nlist, None if nlist is None else resolve_nprobe(nlist, nprobe),
-                      pq_m, opq, dev, gallery_chunk)
-    per = min(per, ng)
-    # Queries in blocks whose candidates and exact re-scoring fit the memory budget (the
-    # torch search streams the gallery once for all queries: one block).
-    width = per * (1 if mode == "visible-mean" else m)
-    step = rows_for(width * (8 * 6 + 8 * m), at_most=batch_size)
-    outer = nq if spec.kind == "flat" and dev is not None else step
     cache = index_cache if index_cache is not None else {}
     finish = _finish_visible_mean if mode == "visible-mean" else _finish_intersection
-    for b0 in range(0, nq, outer):
-        blk = slice(b0, min(b0 + outer, nq))
-        candidates = _candidates(query[blk], parts[blk], gallery, mode, per,
-                                 None if excl is None else excl[blk], step, spec, cache)
-        for start in range(blk.start, blk.stop, step):
-            sl = slice(start, min(start + step, blk.stop))
-            cand = candidates[sl.start - b0:sl.stop - b0]
-            if excl is not None:
-                cand = np.where(cand == excl[sl].reshape((-1,) + (1,) * (cand.ndim - 1)), -1,
-                                cand)
-            out_index[sl], out_score[sl] = finish(query[sl], parts[sl], gallery, cand, k, theta)
-            release_rows(gallery, 0, ng)
-        del candidates
+    # A visible-mean query with |S| of M parts searches the IVF lists and the IVF-PQ codes
+    # of M-part vectors with a |S|-part vector: it visits more lists and re-ranks more
+    # candidates (resolve_nprobe, resolve_refine). The groups depend on each query alone.
+    scaled = mode == "visible-mean" and index != "flat"
+    for rows, searching in _part_groups(parts) if scaled else [(np.arange(nq), m)]:
+        spec = _IndexSpec(index, nlist, None if nlist is None else resolve_nprobe(
+            nlist, nprobe, searching=searching, parts=m), pq_m, opq, dev, gallery_chunk)
+        if index == "ivfpq":
+            per = k_search * resolve_refine(refine, searching=searching, parts=m)
+        else:
+            per = k_search + CANDIDATE_MARGIN
+        per = min(per, ng)
+        # Queries in blocks whose candidates and exact re-scoring fit the memory budget
+        # (the torch search streams the gallery once for all queries: one block).
+        width = per * (1 if mode == "visible-mean" else m)
+        step = rows_for(width * (8 * 6 + 8 * m), at_most=batch_size)
+        outer = rows.size if spec.kind == "flat" and dev is not None else step
+        for b0 in range(0, rows.size, outer):
+            blk = _rows(rows, b0, b0 + outer)
+            candidates = _candidates(query[blk], parts[blk], gallery, mode, per,
+                                     None if excl is None else excl[blk], step, spec, cache)
+            for start in range(b0, min(b0 + outer, rows.size), step):
+                sl = _rows(rows, start, min(start + step, b0 + outer))
+                cand = candidates[start - b0:start - b0 + step]
+                if excl is not None:
+                    cand = np.where(cand == excl[sl].reshape((-1,) + (1,) * (cand.ndim - 1)),
+                                    -1, cand)
+                out_index[sl], out_score[sl] = finish(query[sl], parts[sl], gallery, cand, k,
+                                                      theta)
+                release_rows(gallery, 0, ng)
+            del candidates
     return Neighbourhoods(out_index, out_score, parts)
+
+
+def _part_groups(parts: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """``(rows, |S|)`` per number of searching parts ``|S|`` among the rows of ``parts``
+    (rows ascending)."""
+    counts = parts.sum(axis=1)
+    return [(np.flatnonzero(counts == c), int(c)) for c in np.unique(counts)]
+
+
+def _rows(rows: np.ndarray, start: int, stop: int) -> slice | np.ndarray:
+    """``rows[start:stop]``, as a slice where those rows are consecutive (a view of a
+    mapped array, not a copy)."""
+    sub = rows[start:stop]
+    if sub.size and sub[-1] - sub[0] == sub.size - 1:
+        return slice(int(sub[0]), int(sub[-1]) + 1)
+    return sub
 
 
 def resolve_index(index: str, gallery_size: int) -> str:
@@ -392,7 +429,8 @@ def kth_part_similarity(query: np.ndarray, gallery: np.ndarray, k: int, *,
     ``index_cache`` shares it with :func:`search_neighbourhoods`), re-scored exactly per
     part. One search per query instead of one per part; the value is exact wherever the
     candidates hold the part's true top ``k`` (measured against the exact per-part search
-    in ``docs/scale.md``), and never above it.
+    in ``docs/scale.md``), and never above it. Every query searches with all ``M`` parts, so
+    ``nprobe`` is used as given (no few-parts scaling, :func:`resolve_nprobe`).
 
     Args:
         query: ``(Q, M, D)``; gallery: ``(G, M, D)`` (may be a memory map).
@@ -437,12 +475,61 @@ def kth_part_similarity(query: np.ndarray, gallery: np.ndarray, k: int, *,
     return out
 
 
-def resolve_nprobe(nlist: int, nprobe: int | None = None) -> int:
-    """IVF lists visited per query: ``nprobe`` (at most ``nlist``), or by default
-    ``max(MIN_NPROBE, nlist // NPROBE_DIVISOR)`` (``max(32, nlist // 8)``)."""
+def resolve_nprobe(nlist: int, nprobe: int | None = None, *, searching: int | None = None,
+                   parts: int | None = None) -> int:
+    r"""IVF lists visited per query.
+
+    ``nprobe`` (default ``max(MIN_NPROBE, nlist // NPROBE_DIVISOR)``, i.e.
+    ``max(32, nlist // 8)``) is the figure for a query that searches with all ``M`` parts.
+    A visible-mean query that searches with :math:`|S| < M` of them (e.g. a fully visible
+    image: the two upper-body parts) is a vector on :math:`|S|` parts only, while the lists'
+    centroids span all :math:`M`: the centroid it is nearest to is a weaker guide to where
+    its neighbours are, so it visits proportionally more lists,
+
+    .. math::
+        n_\text{probe}(|S|) = \min\left(n_\text{list},
+        \left\lceil n_\text{probe} \frac{M}{|S|} \right\rceil\right),
+
+    the same for a given ``nprobe`` as for the default (measured in ``docs/scale.md``).
+
+    Args:
+        nlist: IVF lists of the index.
+        nprobe: lists visited by an all-parts query (``None``: the default above).
+        searching: :math:`|S|`, the parts the query searches with (``None``: all).
+        parts: :math:`M`, the parts of the index' vectors (with ``searching``).
+    """
     if nprobe is None:
         nprobe = max(MIN_NPROBE, nlist // NPROBE_DIVISOR)
-    return int(min(nprobe, nlist))
+    return int(min(_for_parts(nprobe, searching, parts), nlist))
+
+
+def resolve_refine(refine: int | None = None, *, searching: int | None = None,
+                   parts: int | None = None) -> int:
+    r"""``ivfpq`` candidates re-ranked exactly per wanted neighbour:
+    :math:`\lceil r M / |S| \rceil` for a query searching with :math:`|S|` of :math:`M` parts,
+    ``r = refine`` (default :data:`DEFAULT_REFINE`, 8) being the all-parts figure.
+
+    The product-quantiser error of a score is the sum of the errors of its sub-vectors;
+    averaged over :math:`|S|` parts instead of :math:`M` it is about
+    :math:`\sqrt{M / |S|}` times larger, so a few-part query needs a longer candidate list
+    to hold its exact neighbours. Its exact re-ranking reads only its :math:`|S|` parts, so
+    the re-ranking costs about the same per query as an all-parts one.
+
+    Args:
+        refine: the all-parts figure (``None``: :data:`DEFAULT_REFINE`).
+        searching, parts: as in :func:`resolve_nprobe`.
+    """
+    return _for_parts(DEFAULT_REFINE if refine is None else refine, searching, parts)
+
+
+def _for_parts(value: int, searching: int | None, parts: int | None) -> int:
+    """``ceil(value * parts / searching)`` (``value`` itself without ``searching``)."""
+    if searching is None:
+        return int(value)
+    if parts is None or not 1 <= searching <= parts:
+        raise ValueError(f"searching must be in [1, parts], got searching={searching!r}, "
+                         f"parts={parts!r}")
+    return int(-(-int(value) * int(parts) // int(searching)))
 
 
 # --------------------------------------------------------------------------------------
@@ -660,19 +747,23 @@ def _torch_candidates(query, parts, gallery, jobs, per, excl, batch_size,
 # Stage 2: exact scores, order, threshold
 # --------------------------------------------------------------------------------------
 def _cosines(q: np.ndarray, gallery: np.ndarray, ids: np.ndarray,
-             part: int | None = None) -> np.ndarray:
+             part: int | np.ndarray | None = None) -> np.ndarray:
     """Cosines between query rows ``q`` ``(b, M, D)`` and their candidates ``ids`` ``(b, c)``:
-    ``(b, c, M)`` per part, or ``(b, c)`` for one ``part``. Each value is one dot product and
-    two norms over ``D`` (``einsum``), so it never depends on the other rows of the batch."""
+    ``(b, c, M)`` per part, ``(b, c, P)`` for the parts of an index array ``part`` ``(P,)``,
+    or ``(b, c)`` for one ``part``. Each value is one dot product and two norms over ``D``
+    (``einsum``), so it never depends on the other rows of the batch."""
     b, c = ids.shape
-    width = gallery.shape[1] * gallery.shape[2]  # whole rows are gathered, then the part
+    one = part is not None and np.ndim(part) == 0
+    parts = None if part is None else np.atleast_1d(np.asarray(part, dtype=np.int64))
+    width = (gallery.shape[1] if parts is None else parts.size) * gallery.shape[2]
     step = max(1, RESCORE_BYTES // (4 * max(1, c) * width))
-    out = np.empty((b, c) + ((gallery.shape[1],) if part is None else ()), dtype=np.float64)
+    shape = () if one else (width // gallery.shape[2],)
+    out = np.empty((b, c) + shape, dtype=np.float64)
     for s in range(0, b, step):
         sub = np.clip(ids[s:s + step], 0, None)
-        qq = np.asarray(q[s:s + step] if part is None else q[s:s + step, part], np.float32)
-        gg = take_rows(gallery, sub)
-        gg = np.asarray(gg if part is None else gg[:, :, part], np.float32)
+        qq = np.asarray(q[s:s + step] if part is None else q[s:s + step][:, part], np.float32)
+        gg = take_rows(gallery, sub, parts=parts)  # only the parts asked for are read
+        gg = np.asarray(gg[:, :, 0] if one else gg, np.float32)
         dot = np.einsum("bc...d,b...d->bc...", gg, qq)
         norm = (np.sqrt(np.einsum("bc...d,bc...d->bc...", gg, gg))
                 * np.sqrt(np.einsum("b...d,b...d->b...", qq, qq))[:, None])
@@ -692,8 +783,16 @@ def _ranked(ids: np.ndarray, score: np.ndarray, k: int, theta: float
 
 
 def _finish_visible_mean(q, parts, gallery, cand, k, theta):
-    w = parts / parts.sum(axis=1, keepdims=True)
-    score = (_cosines(q, gallery, cand) * w[:, None, :]).sum(axis=-1)
+    """Exact mean cosines over each query's searching parts, computed for those parts only:
+    one vectorised step per distinct search mask in the batch (a handful: the occlusion
+    patterns), never per query."""
+    score = np.empty(cand.shape, dtype=np.float64)
+    masks, which = np.unique(parts, axis=0, return_inverse=True)
+    for i, mask in enumerate(masks):
+        rows, on = np.flatnonzero(which.reshape(-1) == i), np.flatnonzero(mask)
+        # the weights 1 / |S| of the mean, as a weighted sum over all parts would use them
+        w = np.full(on.size, 1.0 / on.size)
+        score[rows] = (_cosines(q[rows], gallery, cand[rows], on) * w).sum(axis=-1)
     ids, sc = _ranked(cand, score, k, theta)
     return ids, sc.astype(np.float32)
 
