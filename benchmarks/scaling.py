@@ -635,6 +635,91 @@ def sampled_row(size: int, ckpt: Path, args: argparse.Namespace) -> dict[str, An
     return row
 
 
+def search_recall_row(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The IVF-PQ neighbourhood search alone, as :func:`sampled_row` measures its recall:
+    ``--sample`` gallery items searching the gallery (fully visible: the two upper-body
+    parts, themselves excluded) and the ``--queries`` occluded queries (3 to 5 parts), K and
+    theta from ``--k`` / ``--theta`` (30 and 0.737 for the default checkpoint's figures).
+    Time per query of each search (the index built before, timed apart; the least CPU
+    time of ``--repeats`` runs), recall@K of the
+    first ``--recall-queries`` (200) against the exact torch search, and that recall split
+    into the neighbours of the same identity and those of others."""
+    import inspect
+
+    from orgnn.retrieval import search
+    from orgnn.retrieval.search import search_neighbourhoods
+
+    gallery, query, q_vis, _ = write_world(Path(args.workdir), size, args.queries, args.seed)
+    n = min(args.sample, size)
+    sample = np.sort(np.random.default_rng(5).choice(size, n, replace=False))
+    m = min(n, args.queries, args.recall_queries or 200)
+    s_feats, s_vis = np.asarray(gallery[sample]), np.ones((n, PARTS), np.float32)
+    nlist = search._ivf_nlist(args.nlist, size)
+    row: dict[str, Any] = {"gallery": size, "sample": n, "queries": args.queries,
+                           "recall_queries": m, "k": args.k, "theta": args.theta,
+                           "nlist": nlist, "nprobe": args.nprobe, "refine": args.refine,
+                           "pq_m": args.pq_m, "label": args.label,
+                           "stage_s": {}, "stage_cpu_s": {}, "stage_peak_mib": {},
+                           "stage_rss_peak_mib": {}}
+    # lists visited and candidates per neighbour, per number of searching parts (a
+    # version of the library without the few-parts scaling takes no `searching`)
+    scaled = "searching" in inspect.signature(search.resolve_nprobe).parameters
+    row["nprobe_by_parts"] = {
+        c: search.resolve_nprobe(nlist, args.nprobe, **(
+            dict(searching=c, parts=PARTS) if scaled else {})) for c in range(1, PARTS + 1)}
+    row["refine_by_parts"] = {
+        c: (search.resolve_refine(args.refine, searching=c, parts=PARTS) if scaled else
+            args.refine or 8) for c in range(1, PARTS + 1)}
+    stage = stage_clock(row, f"G={size} [{args.label}] ")
+    cache: dict = {}
+    kw = dict(k=args.k, theta=args.theta, index="ivfpq", nlist=nlist, nprobe=args.nprobe,
+              refine=args.refine, pq_m=args.pq_m, index_cache=cache)
+    with stage("index_build"):
+        search_neighbourhoods(query[:1], q_vis[:1], gallery, **kw)
+    import faiss
+    ivf = faiss.extract_index_ivf(next(iter(cache.values())))
+    row["index_mib"] = (ivf.ntotal * (ivf.code_size + 8) + ivf.nlist * ivf.d * 4) / _common.MiB
+    # each search --repeats times (the machine is shared): the least CPU time counts
+    cpu: dict[str, list[float]] = {"gallery_search": [], "query_search": []}
+    for _ in range(max(1, args.repeats)):
+        with stage("gallery_search"):
+            got_g = search_neighbourhoods(s_feats, s_vis, gallery, exclude=sample, **kw)
+        cpu["gallery_search"].append(row["stage_cpu_s"]["gallery_search"])
+        with stage("query_search"):
+            got_q = search_neighbourhoods(query, q_vis, gallery, **kw)
+        cpu["query_search"].append(row["stage_cpu_s"]["query_search"])
+    row["repeats_cpu_s"] = cpu
+    exact_g = search_neighbourhoods(s_feats[:m], s_vis[:m], gallery, k=args.k,
+                                    theta=args.theta, device="cpu", exclude=sample[:m])
+    q_ids = np.random.default_rng([args.seed, 13]).integers(
+        0, max(1, -(-size // IMAGES_PER_ID)), args.queries)          # as write_world
+    exact_q = search_neighbourhoods(query[:m], q_vis[:m], gallery, k=args.k,
+                                    theta=args.theta, device="cpu")
+    for name, exact, got, ids, count in (
+            ("gallery", exact_g, got_g, sample[:m] // IMAGES_PER_ID, n),
+            ("query", exact_q, got_q, q_ids[:m], args.queries)):
+        same = (exact.index // IMAGES_PER_ID == ids[:, None]) & exact.valid
+        hit = np.array([np.isin(e, a[a >= 0]) for e, a in zip(exact.index, got.index[:m])])
+        hit &= exact.valid
+        row[name] = {
+            "per_query_ms": 1e3 * row["stage_s"][f"{name}_search"] / count,
+            "cpu_ms_per_query": 1e3 * min(cpu[f"{name}_search"]) / count,
+            "recall": recall(exact.index, got.index[:m]),
+            "exact_neighbours": float(exact.counts.mean()),
+            "same_identity": float(same.sum(1).mean()),
+            "same_identity_recall": float(hit[same].mean()) if same.any() else None,
+            "other_recall": float(hit[exact.valid & ~same].mean())
+            if (exact.valid & ~same).any() else None,
+        }
+        r = row[name]
+        print(f"  {name}: recall@{args.k} {r['recall']:.3f} (same identity "
+              f"{r['same_identity_recall']:.3f} of {r['same_identity']:.1f}, others "
+              f"{r['other_recall'] or float('nan'):.3f} of "
+              f"{r['exact_neighbours'] - r['same_identity']:.1f}), "
+              f"{r['cpu_ms_per_query']:.2f} CPU ms/query", flush=True)
+    return row
+
+
 def cuhk03_row(args: argparse.Namespace) -> dict[str, Any]:
     """mAP of the default checkpoint (trained with `orgnn train` on cuhk03-parts' training
     split) after `orgnn reconstruct` exact (``--index flat``) and approximate
@@ -815,6 +900,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the stages in this process at --sizes, per-item stages timed "
                              "on --sample gallery items (sampled_row)")
     parser.add_argument("--sample", type=int, default=2000)
+    parser.add_argument("--search-recall", action="store_true",
+                        help="the IVF-PQ search alone at --sizes: recall@K of the gallery's "
+                             "own neighbourhoods (--sample items) and of the queries against "
+                             "exact, time per query (search_recall_row)")
+    parser.add_argument("--nprobe", type=int, default=None,
+                        help="with --search-recall: nprobe (default: the library's)")
+    parser.add_argument("--label", default="",
+                        help="with --search-recall: the rows' label (e.g. the code version)")
     parser.add_argument("--cli-index", default="ivfpq",
                         help="--index of the --cli runs (default ivfpq)")
     parser.add_argument("--cuhk03", default=None, metavar="DIR",
@@ -855,7 +948,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {**meta, "sizes": args.sizes, "rows": rows,
                                "arguments": {k: v for k, v in vars(args).items()
                                              if k not in ("output", "plot")}}
-    for key in ("duke_devices", "torchrun", "cuhk03", "cuhk03_full_k", "cli", "sampled"):
+    for key in ("duke_devices", "torchrun", "cuhk03", "cuhk03_full_k", "cli", "sampled",
+                "search_recall"):
         if key in old:
             payload[key] = old[key]
 
@@ -880,6 +974,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cuhk03 and args.cuhk03_full_k:
         payload["cuhk03_full_k"] = {**full_k_row(args), "run_command": meta["command"]}
         save()
+    if args.search_recall:
+        runs = old.get("search_recall", [])
+        for size in args.sizes:
+            row = search_recall_row(size, args)
+            row["run_command"] = meta["command"]
+            runs.append(row)
+            payload["search_recall"] = runs
+            save()
+        return payload
     if args.sampled:
         ckpt, _ = train_checkpoint(args)
         sampled = {str(r["gallery"]): r for r in old.get("sampled", [])}
