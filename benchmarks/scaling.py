@@ -661,15 +661,12 @@ def search_recall_row(size: int, args: argparse.Namespace) -> dict[str, Any]:
                            "pq_m": args.pq_m, "label": args.label,
                            "stage_s": {}, "stage_cpu_s": {}, "stage_peak_mib": {},
                            "stage_rss_peak_mib": {}}
-    # lists visited and candidates per neighbour, per number of searching parts (a
-    # version of the library without the few-parts scaling takes no `searching`)
+    # lists visited per number of searching parts (a version of the library without the
+    # few-parts scaling takes no `searching`)
     scaled = "searching" in inspect.signature(search.resolve_nprobe).parameters
     row["nprobe_by_parts"] = {
         c: search.resolve_nprobe(nlist, args.nprobe, **(
             dict(searching=c, parts=PARTS) if scaled else {})) for c in range(1, PARTS + 1)}
-    row["refine_by_parts"] = {
-        c: (search.resolve_refine(args.refine, searching=c, parts=PARTS) if scaled else
-            args.refine or 8) for c in range(1, PARTS + 1)}
     stage = stage_clock(row, f"G={size} [{args.label}] ")
     cache: dict = {}
     kw = dict(k=args.k, theta=args.theta, index="ivfpq", nlist=nlist, nprobe=args.nprobe,

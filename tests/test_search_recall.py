@@ -1,6 +1,6 @@
-"""Few-part queries on IVF indexes: more lists and more candidates (resolve_nprobe /
-resolve_refine), checked against the exact search and against the same index searched
-without the scaling; results that depend on each query alone."""
+"""Few-part queries on IVF indexes visit more lists (resolve_nprobe): checked against the
+exact search and against the same index searched without the scaling; results that depend
+on each query alone."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,6 @@ from orgnn.retrieval.search import (
     _query_vectors,
     _set_nprobe,
     resolve_nprobe,
-    resolve_refine,
     search_neighbourhoods,
     search_parts_for,
 )
@@ -63,7 +62,7 @@ def unscaled(cache: dict, query, parts, gallery, nprobe: int, per: int, exclude)
     return np.take_along_axis(cand, order, axis=1)
 
 
-def test_resolve_nprobe_and_refine_hand_computed():
+def test_resolve_nprobe_hand_computed():
     assert resolve_nprobe(316) == 39 and resolve_nprobe(100) == 32
     assert resolve_nprobe(316, searching=2, parts=6) == 117          # ceil(39 * 6 / 2)
     assert resolve_nprobe(100, searching=2, parts=6) == 96
@@ -72,20 +71,16 @@ def test_resolve_nprobe_and_refine_hand_computed():
     assert resolve_nprobe(100, 10, searching=5, parts=6) == 12       # ceil(12.0)
     assert resolve_nprobe(100, 50, searching=2, parts=6) == 100      # at most nlist
     assert resolve_nprobe(40, 64) == 40
-    assert resolve_refine() == 8 and resolve_refine(5) == 5
-    assert resolve_refine(searching=2, parts=6) == 24
-    assert resolve_refine(searching=5, parts=6) == 10                # ceil(9.6)
-    assert resolve_refine(3, searching=4, parts=6) == 5              # ceil(4.5)
     for bad in (0, 7):
         with pytest.raises(ValueError, match="searching must be in"):
             resolve_nprobe(100, searching=bad, parts=6)
     with pytest.raises(ValueError, match="searching must be in"):
-        resolve_refine(searching=2)
+        resolve_nprobe(100, searching=2)
 
 
 @pytest.mark.parametrize("index,nprobe,before_max,after_min", [
-    ("ivf", 10, 0.7, 0.88),      # the lists alone: 10 of 60 before, 30 after
-    ("ivfpq", 60, 0.55, 0.62),   # all lists: the candidates alone, 8 K before, 24 K after
+    ("ivf", 10, 0.7, 0.88),      # exact scores: the lists alone, 10 of 60 before, 30 after
+    ("ivfpq", 8, 0.42, 0.45),    # 8 lists before, 24 after; the 6-d 4-bit codes limit both
 ])
 def test_two_part_search_recall_rises(world, index, nprobe, before_max, after_min):
     gallery = world
@@ -102,7 +97,7 @@ def test_two_part_search_recall_rises(world, index, nprobe, before_max, after_mi
     before = unscaled(cache, query, parts, gallery, nprobe, per, rows)
     r_before, r_after = recall(exact, before), recall(exact, got.index)
     assert r_before < before_max, r_before
-    assert r_after > after_min and r_after > r_before + 0.1, (r_before, r_after)
+    assert r_after > after_min and r_after > r_before + 0.05, (r_before, r_after)
 
 
 @pytest.mark.parametrize("index", ["ivf", "ivfpq"])

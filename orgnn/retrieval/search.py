@@ -48,16 +48,15 @@ float32 scores of BLAS can differ in the last bit between those; the recomputed 
   item instead of ``4 M D``; its approximate scores only pick ``refine x K`` candidates, which
   are re-ranked exactly from the (float16) features.
 
-**Few searching parts.** The IVF lists and the product quantiser are learnt on vectors of
-all ``M`` parts. A visible-mean query that searches with ``|S| < M`` of them (a fully
-visible image: two of six) is a weaker guide to the lists (their centroids' other parts do
-not count) and has a larger quantiser error relative to its score (averaged over fewer
-sub-vectors), so it visits ``ceil(nprobe * M / |S|)`` lists and re-ranks
-``ceil(refine * M / |S|)`` candidates per neighbour (:func:`resolve_nprobe`,
-:func:`resolve_refine`); its exact re-ranking reads only its ``|S|`` parts. Queries are
-grouped by ``|S|`` within each call, so these figures depend on each query alone. The
-intersection mode (one index per part) and :func:`kth_part_similarity` (all parts) are
-not scaled.
+**Few searching parts.** The IVF lists are learnt on vectors of all ``M`` parts. A
+visible-mean query that searches with ``|S| < M`` of them (a fully visible image: two of
+six) finds in the nearest centroids a weaker guide to its neighbours (their other parts do
+not count), so it visits ``ceil(nprobe * M / |S|)`` lists (:func:`resolve_nprobe`); its
+exact re-ranking reads only its ``|S|`` parts. Queries are grouped by ``|S|`` within each
+call, so the figure depends on each query alone. The intersection mode (one index per
+part) and :func:`kth_part_similarity` (all parts) are not scaled. The product quantiser's
+error, averaged over fewer sub-vectors, is also larger against a few-part score: ``pq_m``
+(finer codes) or ``refine`` (more candidates) buy it back (measured in ``docs/scale.md``).
 
 With ``ivf``/``ivfpq`` and a CUDA ``device`` the faiss index moves to that GPU when the
 installed faiss has GPU support (``faiss-gpu``); otherwise it stays on the CPU. Zero part
@@ -79,7 +78,7 @@ import torch
 from orgnn.io.storage import chunk_rows, iter_rows, release_rows, rows_for, take_rows
 
 __all__ = ["Neighbourhoods", "search_parts_for", "search_neighbourhoods", "resolve_nprobe",
-           "resolve_refine", "resolve_index", "kth_part_similarity"]
+           "resolve_index", "kth_part_similarity"]
 
 MODES = ("visible-mean", "intersection")
 INDEXES = ("auto", "flat", "ivf", "ivfpq")
@@ -285,8 +284,7 @@ def search_neighbourhoods(
             dimension (``M D`` for visible-mean, ``D`` per part for intersection); default
             about ``dim / 16`` (at least 8).
         opq: ``ivfpq`` with an OPQ rotation learnt before the product quantiser.
-        refine: ``ivfpq`` candidates re-ranked exactly per neighbour by an all-parts query
-            (default 8); scaled as ``nprobe`` in visible-mean mode (:func:`resolve_refine`).
+        refine: ``ivfpq`` candidates re-ranked exactly per neighbour (default 8).
         gallery_chunk: gallery rows per chunk of the torch search and of index building
             (default: about 256 MiB of float32).
         index_cache: a dict kept by the caller to reuse the faiss indexes built for *this*
@@ -351,15 +349,15 @@ def search_neighbourhoods(
     k_search = min(k + int(excl is not None), ng)
     cache = index_cache if index_cache is not None else {}
     finish = _finish_visible_mean if mode == "visible-mean" else _finish_intersection
-    # A visible-mean query with |S| of M parts searches the IVF lists and the IVF-PQ codes
-    # of M-part vectors with a |S|-part vector: it visits more lists and re-ranks more
-    # candidates (resolve_nprobe, resolve_refine). The groups depend on each query alone.
+    # A visible-mean query with |S| of M parts searches lists whose centroids span all M
+    # parts with a |S|-part vector: it visits more of them (resolve_nprobe). The groups
+    # depend on each query alone.
     scaled = mode == "visible-mean" and index != "flat"
     for rows, searching in _part_groups(parts) if scaled else [(np.arange(nq), m)]:
         spec = _IndexSpec(index, nlist, None if nlist is None else resolve_nprobe(
             nlist, nprobe, searching=searching, parts=m), pq_m, opq, dev, gallery_chunk)
         if index == "ivfpq":
-            per = k_search * resolve_refine(refine, searching=searching, parts=m)
+            per = k_search * (DEFAULT_REFINE if refine is None else int(refine))
         else:
             per = k_search + CANDIDATE_MARGIN
         per = min(per, ng)
@@ -500,36 +498,14 @@ def resolve_nprobe(nlist: int, nprobe: int | None = None, *, searching: int | No
     """
     if nprobe is None:
         nprobe = max(MIN_NPROBE, nlist // NPROBE_DIVISOR)
-    return int(min(_for_parts(nprobe, searching, parts), nlist))
+    if searching is not None:
+        if parts is None or not 1 <= searching <= parts:
+            raise ValueError(f"searching must be in [1, parts], got searching={searching!r}, "
+                             f"parts={parts!r}")
+        nprobe = -(-int(nprobe) * int(parts) // int(searching))
+    return int(min(nprobe, nlist))
 
 
-def resolve_refine(refine: int | None = None, *, searching: int | None = None,
-                   parts: int | None = None) -> int:
-    r"""``ivfpq`` candidates re-ranked exactly per wanted neighbour:
-    :math:`\lceil r M / |S| \rceil` for a query searching with :math:`|S|` of :math:`M` parts,
-    ``r = refine`` (default :data:`DEFAULT_REFINE`, 8) being the all-parts figure.
-
-    The product-quantiser error of a score is the sum of the errors of its sub-vectors;
-    averaged over :math:`|S|` parts instead of :math:`M` it is about
-    :math:`\sqrt{M / |S|}` times larger, so a few-part query needs a longer candidate list
-    to hold its exact neighbours. Its exact re-ranking reads only its :math:`|S|` parts, so
-    the re-ranking costs about the same per query as an all-parts one.
-
-    Args:
-        refine: the all-parts figure (``None``: :data:`DEFAULT_REFINE`).
-        searching, parts: as in :func:`resolve_nprobe`.
-    """
-    return _for_parts(DEFAULT_REFINE if refine is None else refine, searching, parts)
-
-
-def _for_parts(value: int, searching: int | None, parts: int | None) -> int:
-    """``ceil(value * parts / searching)`` (``value`` itself without ``searching``)."""
-    if searching is None:
-        return int(value)
-    if parts is None or not 1 <= searching <= parts:
-        raise ValueError(f"searching must be in [1, parts], got searching={searching!r}, "
-                         f"parts={parts!r}")
-    return int(-(-int(value) * int(parts) // int(searching)))
 
 
 # --------------------------------------------------------------------------------------
