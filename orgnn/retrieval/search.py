@@ -506,8 +506,6 @@ def resolve_nprobe(nlist: int, nprobe: int | None = None, *, searching: int | No
     return int(min(nprobe, nlist))
 
 
-
-
 # --------------------------------------------------------------------------------------
 # Stage 1: candidates
 # --------------------------------------------------------------------------------------
