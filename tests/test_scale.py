@@ -149,3 +149,55 @@ def test_large_k_reconstruction_is_the_full_width_model_and_stays_in_budget():
         want = model(x, mask, target_visible=torch.from_numpy(vis >= 0.5),
                      node_weight=torch.from_numpy(weight))
     np.testing.assert_allclose(got, want.numpy(), atol=2e-5)
+
+
+_PEAK_SCRIPT = r"""
+import sys
+import numpy as np
+import torch
+from orgnn.io.storage import working_memory
+from orgnn.nn import ORGNN
+from orgnn.reconstruction.pipeline import reconstruct
+
+def hwm_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+budget_mib = int(sys.argv[1])
+rng = np.random.default_rng(0)
+gallery = rng.standard_normal((3000, 6, 64)).astype(np.float32)
+target = rng.standard_normal((256, 6, 64)).astype(np.float32)
+index = np.full((256, 2999), -1)
+index[:, :300] = rng.integers(0, 3000, (256, 300))  # 300 valid of K = 2,999
+model = ORGNN(64, 64, num_parts=6).eval()
+torch.set_num_threads(1)
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+before = hwm_mib()
+with working_memory(f"{budget_mib}MiB"):
+    out = reconstruct(model, target, gallery, index, node_weight=np.ones((256, 3000), np.float32))
+assert np.isfinite(out).all()
+print(hwm_mib() - before)
+"""
+
+
+def test_large_k_reconstruction_peak_rss_follows_the_budget():
+    """The resident-set growth of a K = 2,999 reconstruction (300 valid neighbours each)
+    stays within a few budgets: the batches are sized from bytes at the width they hold.
+    Unbatched, the 256 graphs would take 256 x graph_bytes(301) = 2.9 GiB (at K + 1 nodes,
+    256 x 1.6 GB)."""
+    from orgnn.reconstruction.graphs import graph_bytes
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set peak")
+    assert 256 * graph_bytes(301, 6, 64) > 2.5 * 2 ** 30
+    budget = 64
+    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(budget)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    growth = float(run.stdout.split()[-1])
+    if growth <= 0:
+        pytest.skip("this kernel does not reset the resident-set peak (clear_refs 5)")
+    # the budget, the (256, 3000) weights, one batch's gathered copies and allocator slack
+    assert growth < 3 * budget + 96, growth
