@@ -117,20 +117,17 @@ def pyg_neighbourhood_batch(x: Tensor, mask: Tensor) -> Batch:
 
 
 
-def used_width(index: np.ndarray) -> int:
-    """Columns of ``index`` ``(B, K)`` up to the last valid (``>= 0``) entry of any row:
-    the rest is padding in every row."""
-    valid = np.asarray(index) >= 0
-    if not valid.any():
-        return 0
-    return int(valid.shape[1] - np.argmax(valid[:, ::-1].any(axis=0)))
-
-
 def row_widths(index: np.ndarray) -> np.ndarray:
     """``(B,)`` columns each row of ``index`` ``(B, K)`` needs: the position of its last
     valid (``>= 0``) entry + 1 (its valid count, as valid entries come first), 0 if none."""
     valid = np.asarray(index) >= 0
     return np.where(valid.any(axis=1), valid.shape[1] - np.argmax(valid[:, ::-1], axis=1), 0)
+
+
+def used_width(index: np.ndarray) -> int:
+    """Columns of ``index`` ``(B, K)`` up to the last valid (``>= 0``) entry of any row:
+    the rest is padding in every row."""
+    return int(row_widths(index).max(initial=0))
 
 
 def graph_bytes(width: int, num_parts: int, dim: int, hidden: int | None = None) -> int:
