@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from orgnn import distributed
 from orgnn.io.features import VISIBLE_THRESHOLD
-from orgnn.io.storage import memory_budget, rows_for, take_rows
+from orgnn.io.storage import memory_budget, release_rows, rows_for, take_rows
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -238,10 +238,14 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
                                      device=x.device)
             extra["node_weight"] = weight[..., :x.size(2)]     # an empty row grew to width 1
         result = fn(x, mask, **extra).float().cpu().numpy()
+        # a mapped target (the gallery reconstructing itself) or output keeps no pages
+        # of finished batches in the resident set
+        release_rows(target, sl.start, sl.stop)
         if out is None:
             chunks.append(result)
         else:
             out[sl] = result
+            release_rows(out, sl.start, sl.stop)
     if out is not None:
         return out
     return np.concatenate(chunks) if chunks else np.empty((0,) + target.shape[1:], np.float32)

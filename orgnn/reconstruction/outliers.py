@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from orgnn import distributed
 from orgnn.io.features import PartFeatures
-from orgnn.io.storage import iter_rows, memory_budget, rows_for, take_rows
+from orgnn.io.storage import iter_rows, memory_budget, release_rows, rows_for, take_rows
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
 from orgnn.reconstruction.graphs import used_width
 from orgnn.retrieval.search import Neighbourhoods, kth_part_similarity, resolve_index
@@ -500,6 +500,7 @@ def score_split(scorer: NeighbourScorer, gallery: PartFeatures,
                     feats = np.concatenate([feats, ctx], -1)
                 out[sl.start - rows.start:sl.stop - rows.start, :width] = \
                     scorer.probability(stage, feats)
+                release_rows(target.features, sl.start, sl.stop)  # a mapped gallery's pages
             return out
         return distributed.map_rows(run, target.num_images, sizes[i])
 
