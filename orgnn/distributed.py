@@ -47,7 +47,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Group", "setup", "world_size", "rank", "is_main", "shard", "all_gather_rows",
+__all__ = ["Group", "setup", "world_size", "rank", "is_main", "shard", "shard_blocks",
+           "block_rows",
+           "all_gather_rows",
            "gather_rows", "map_rows", "broadcast_bytes", "barrier", "finish", "env_world",
            "local"]
 
@@ -166,6 +168,51 @@ def shard(n: int, block: int = 1, rank_: int | None = None,
     return slice(min(lo * block, n), min(hi * block, n))
 
 
+#: A split is cut into at least this many blocks (while each keeps ``MIN_BLOCK_ROWS`` rows),
+#: whatever the number of ranks, so that ranks taking whole blocks get even shares.
+SHARE_BLOCKS = 16
+MIN_BLOCK_ROWS = 32
+
+
+def block_rows(n: int, fits: int) -> int:
+    r"""Rows per block of a split of ``n`` rows whose memory allows ``fits`` rows:
+    :math:`\min(\text{fits}, \max(32, \lceil n / 16 \rceil))`, at least 1. The same in one
+    process and on every rank (the blocks are the single-process grid)."""
+    return max(1, min(fits, max(MIN_BLOCK_ROWS, -(-n // SHARE_BLOCKS))))
+
+
+def shard_blocks(bounds: Sequence[int] | np.ndarray, costs: Sequence[float] | np.ndarray | None
+                 = None, rank_: int | None = None, world: int | None = None) -> slice:
+    r"""This rank's rows of the blocks ``bounds`` cuts (``bounds[0] = 0`` to
+    ``bounds[-1] = n``): a contiguous run of whole blocks, split so that every rank gets
+    about the same total ``costs`` (default: the blocks' row counts). Block ``i`` goes to
+    rank :math:`\lfloor W (C_{i-1} + c_i / 2) / C \rfloor`, with :math:`C_i` the
+    cumulative cost."""
+    bounds = np.asarray(bounds, dtype=np.int64)
+    if bounds.ndim != 1 or bounds.size < 1 or bounds[0] != 0 or np.any(np.diff(bounds) < 0):
+        raise ValueError("bounds must be a rising 1-d sequence from 0")
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} is not in a world of {w}")
+    cost = np.diff(bounds).astype(np.float64) if costs is None else \
+        np.asarray(costs, dtype=np.float64)
+    if cost.shape != (bounds.size - 1,):
+        raise ValueError(f"costs must have one entry per block ({bounds.size - 1}), got "
+                         f"{cost.shape}")
+    total = cost.sum()
+    if total <= 0:
+        owner = np.arange(cost.size) * w // max(1, cost.size)
+    else:
+        owner = np.minimum((w * (np.cumsum(cost) - cost / 2) / total).astype(np.int64), w - 1)
+    mine = np.flatnonzero(owner == r)
+    if mine.size:
+        return slice(int(bounds[mine[0]]), int(bounds[mine[-1] + 1]))
+    later = np.flatnonzero(owner > r)
+    at = int(bounds[later[0]]) if later.size else int(bounds[-1])
+    return slice(at, at)
+
+
 def all_gather_rows(local: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
     """Concatenate every rank's rows in rank order, on every rank. ``local`` is one array or
     a sequence of arrays (gathered alike, returned as a list)."""
@@ -210,13 +257,15 @@ def gather_rows(local: np.ndarray | Sequence[np.ndarray], dst: int = 0
 
 
 def map_rows(fn: Callable[[slice], np.ndarray | Sequence[np.ndarray]], n: int,
-             block: int = 1, to: str = "all") -> np.ndarray | list[np.ndarray] | None:
-    """``fn(rows)`` on this rank's :func:`shard` of ``n`` rows, gathered on every rank
-    (``to="all"``) or on rank 0 alone (``to="main"``: ``None`` elsewhere); in a single
-    process simply ``fn(slice(0, n))``."""
+             block: int = 1, to: str = "all", bounds: np.ndarray | None = None,
+             costs: np.ndarray | None = None) -> np.ndarray | list[np.ndarray] | None:
+    """``fn(rows)`` on this rank's :func:`shard` of ``n`` rows (or, given block ``bounds``
+    and their ``costs``, its :func:`shard_blocks`), gathered on every rank (``to="all"``) or
+    on rank 0 alone (``to="main"``: ``None`` elsewhere); in a single process simply
+    ``fn(slice(0, n))``."""
     if to not in ("all", "main"):
         raise ValueError(f"to must be 'all' or 'main', got {to!r}")
     if world_size() == 1:
         return fn(slice(0, n))
-    local_rows = fn(shard(n, block))
+    local_rows = fn(shard(n, block) if bounds is None else shard_blocks(bounds, costs))
     return all_gather_rows(local_rows) if to == "all" else gather_rows(local_rows)

@@ -194,3 +194,37 @@ def test_ablation_under_torchrun_trains_once_and_scores_the_same(tmp_path):
     import json
 
     assert json.loads(out.read_text()) == single.rows
+
+
+def test_cost_balanced_block_shares_by_hand():
+    """Block i goes to the rank its cost midpoint falls in: contiguous, covering, in order."""
+    bounds = [0, 10, 20, 30, 40]
+    assert [distributed.shard_blocks(bounds, None, r, 2) for r in range(2)] == \
+        [slice(0, 20), slice(20, 40)]
+    # costs 1, 1, 1, 9 (total 12): midpoints 0.5, 1.5, 2.5, 7.5 -> ranks 0, 0, 0, 1
+    assert [distributed.shard_blocks(bounds, [1, 1, 1, 9], r, 2) for r in range(2)] == \
+        [slice(0, 30), slice(30, 40)]
+    # one block and three ranks: its midpoint (1.5 of 3) is rank 1's; the others hold none
+    assert [distributed.shard_blocks([0, 5], None, r, 3) for r in range(3)] == \
+        [slice(0, 0), slice(0, 5), slice(5, 5)]
+    rng = np.random.default_rng(0)
+    for world in (2, 3, 5):
+        bounds = np.concatenate([[0], np.cumsum(rng.integers(0, 7, 40))])
+        costs = rng.random(40)
+        parts = [distributed.shard_blocks(bounds, costs, r, world) for r in range(world)]
+        assert parts[0].start == 0 and parts[-1].stop == bounds[-1]
+        assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        assert all(p.start in bounds and p.stop in bounds for p in parts)
+    with pytest.raises(ValueError, match="one entry per block"):
+        distributed.shard_blocks([0, 4, 8], [1.0], 0, 2)
+    with pytest.raises(ValueError, match="rising"):
+        distributed.shard_blocks([0, 4, 2], None, 0, 2)
+
+
+def test_block_rows_leave_every_split_enough_blocks_to_share():
+    assert distributed.block_rows(600, 2048) == 38        # ceil(600 / 16)
+    assert distributed.block_rows(100, 2048) == 32        # small splits keep 32-row blocks
+    assert distributed.block_rows(10 ** 6, 870) == 870    # the memory bound wins
+    assert distributed.block_rows(5, 0) == 1
+    n = 2327
+    assert -(-n // distributed.block_rows(n, 2048)) >= distributed.SHARE_BLOCKS - 1

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import orgnn.io.features as features_module
 from orgnn.io.features import (
     SPLITS,
     VISIBLE_THRESHOLD,
@@ -238,11 +239,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_part_features(path, old)
     before = path.read_bytes()
 
-    def broken_savez(file, *args, **kwargs):
+    def broken_savez(file, *args, **kwargs):  # the archive writer fails half-way
         file.write(b"PK\x03\x04 half an archive")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(np, "savez", broken_savez)
+    monkeypatch.setattr(features_module, "_write_npz", broken_savez)
     with pytest.raises(RuntimeError, match="disk full"):
         save_part_features(path, make_pf(seed=2))
     assert path.read_bytes() == before
@@ -252,10 +253,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_save_on_new_path_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    def broken_savez(file, *args, **kwargs):
+    def broken_savez(file, *args, **kwargs):  # the archive writer fails half-way
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "savez", broken_savez)
+    monkeypatch.setattr(features_module, "_write_npz", broken_savez)
     with pytest.raises(KeyboardInterrupt):
         save_part_features(tmp_path / "train.npz", make_pf())
     assert os.listdir(tmp_path) == []
@@ -328,3 +329,19 @@ def test_non_finite_features_are_counted_across_row_chunks(monkeypatch):
     with pytest.raises(PartFeatureError, match=r"non-finite values \(NaN/inf\): 3 of 336, "
                                                r"first at index \(3, 1, 2\)"):
         pf.validate()
+
+
+def test_a_mapped_array_is_written_as_np_savez_writes_it(tmp_path):
+    """The archive writer streams a memory map row chunk by row chunk (pages handed back);
+    the bytes are np.savez's."""
+    import io
+
+    from orgnn.io.storage import open_npy
+
+    mapped = open_npy(tmp_path / "x.npy", (700, 6, 8), np.float16)
+    mapped[:] = np.random.default_rng(0).random((700, 6, 8))
+    arrays = {"features": mapped, "pids": np.arange(700), "paths": np.array(["a", "bb"] * 350)}
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    features_module._write_npz(ours, arrays)
+    np.savez(theirs, **{k: np.asarray(v) for k, v in arrays.items()})
+    assert ours.getvalue() == theirs.getvalue()

@@ -408,3 +408,37 @@ def test_long_lists_are_sampled_and_short_ones_exact(monkeypatch):
     assert np.abs(err).mean() < 0.15 and abs(err.mean()) < 0.03
     np.testing.assert_allclose(ctx_s[..., :4], ctx[..., :4], atol=1e-6)
     assert np.abs(ctx_s[..., 4:] - ctx[..., 4:]).mean() < 0.1
+
+
+def test_padding_columns_are_trimmed_without_changing_the_scores(monkeypatch):
+    """A large K under a threshold is mostly padding: scoring each chunk up to its last
+    valid column gives the probabilities of scoring every column (to float rounding), the
+    rank feature still counted against the search's K."""
+    import orgnn.reconstruction.outliers as outliers
+    from orgnn.retrieval.search import Neighbourhoods
+
+    scorer, gallery, g_nbrs, query, q_nbrs = _scored_world()
+
+    def padded(n: Neighbourhoods, extra: int) -> Neighbourhoods:
+        rows = n.index.shape[0]
+        return Neighbourhoods(np.concatenate([n.index, np.full((rows, extra), -1)], 1),
+                              np.concatenate([n.score, np.zeros((rows, extra), np.float32)], 1),
+                              n.search_parts)
+
+    g_pad, q_pad = padded(g_nbrs, 200), padded(q_nbrs, 150)
+    trimmed = score_split(scorer, gallery, g_pad, query, q_pad, chunk_size=9)
+    monkeypatch.setattr(outliers, "used_width", lambda index: index.shape[1])
+    every_column = score_split(scorer, gallery, g_pad, query, q_pad, chunk_size=9)
+    monkeypatch.undo()
+    for a, b in zip(trimmed, every_column):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        assert (a[:, -150:] == 0).all()
+    # the rank feature divides by the search's K, not by the trimmed width
+    feats = edge_features(query.features[:4], gallery.features, gallery.visible,
+                          Neighbourhoods(q_nbrs.index[:4, :3], q_nbrs.score[:4, :3],
+                                         q_nbrs.search_parts[:4]),
+                          np.zeros(gallery.visible.shape, np.float32), query.visible[:4],
+                          list_width=30)
+    rank = feats[..., EDGE_FEATURES.index("rank")]
+    np.testing.assert_allclose(rank[0], np.array([0, 1, 2]) / 30)

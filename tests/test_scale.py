@@ -86,3 +86,118 @@ def test_scratch_folders_of_a_killed_run_are_removed(tmp_path):
     assert not scratch.exists()
     assert ".out.scratch-killed" not in left and ".out.scratch-old" not in left
     assert {".out.scratch-live", ".out.scratch-other_host", ".out.scratch-fresh"} <= left
+
+
+def test_graph_batches_are_cut_by_the_nodes_they_hold():
+    """By hand, one part of one feature: a graph of N nodes takes N (32 + 56 N) bytes."""
+    from orgnn.reconstruction.graphs import graph_bytes, plan_graph_batches, row_widths
+
+    assert graph_bytes(4, 1, 1) == 4 * (32 + 56 * 4) == 1024
+    # counts 3, 0, 5, 1 -> nodes 4, 2, 6, 2; budget 2048: [4, 2] pads to 4 (2 x 1024),
+    # the 6-node graph alone exceeds it and still runs alone, then [2]
+    bounds, widths = plan_graph_batches(np.array([3, 0, 5, 1]), 1, 1, budget=2048)
+    assert bounds.tolist() == [0, 2, 3, 4] and widths.tolist() == [4, 6, 2]
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 640, 2327)
+    bounds, widths = plan_graph_batches(counts, 6, 256, budget=256 << 20)
+    assert bounds[0] == 0 and bounds[-1] == counts.size and (np.diff(bounds) > 0).all()
+    for lo, hi, width in zip(bounds[:-1], bounds[1:], widths):
+        assert width == 1 + max(1, counts[lo:hi].max())
+        assert hi - lo == 1 or (hi - lo) * graph_bytes(width, 6, 256) <= 256 << 20
+    # padding between valid entries still counts up to the last valid one
+    index = np.array([[4, -1, 7, -1], [-1, -1, -1, -1], [1, 2, -1, -1]])
+    assert row_widths(index).tolist() == [3, 0, 2]
+
+
+def test_large_k_reconstruction_is_the_full_width_model_and_stays_in_budget():
+    """K far above what a threshold lets through: each batch is padded to its own widest
+    neighbourhood and sized by bytes, and gives the full-width model's output."""
+    import torch
+
+    from orgnn.nn import ORGNN
+    from orgnn.reconstruction.graphs import dense_neighbourhood_batch
+    from orgnn.reconstruction.pipeline import reconstruct
+
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((400, 3, 16)).astype(np.float32)
+    target = rng.standard_normal((90, 3, 16)).astype(np.float32)
+    k = 399
+    index = np.full((90, k), -1)
+    counts = rng.integers(0, 40, 90)
+    for row, c in enumerate(counts):  # test set-up only
+        index[row, :c] = rng.choice(400, c, replace=False)
+    weight = rng.random((90, 1 + k)).astype(np.float32)
+    vis = rng.random((90, 3)).astype(np.float32)
+    torch.manual_seed(0)
+    model = ORGNN(16, 16, num_parts=3, init="glorot", target_init="visible").eval()
+    seen = []
+    forward = model.forward
+
+    def spy(x, mask, **kw):
+        seen.append(x.shape)
+        return forward(x, mask, **kw)
+
+    model.forward = spy
+    with working_memory("1MiB"):
+        got = reconstruct(model, target, gallery, index, target_visibility=vis,
+                          node_weight=weight)
+    model.forward = forward
+    assert max(s[2] for s in seen) == 1 + counts.max() < 1 + k
+    assert len(seen) > 1
+    with torch.inference_mode():
+        x, mask = dense_neighbourhood_batch(target, gallery, index)
+        want = model(x, mask, target_visible=torch.from_numpy(vis >= 0.5),
+                     node_weight=torch.from_numpy(weight))
+    np.testing.assert_allclose(got, want.numpy(), atol=2e-5)
+
+
+_PEAK_SCRIPT = r"""
+import sys
+import numpy as np
+import torch
+from orgnn.io.storage import working_memory
+from orgnn.nn import ORGNN
+from orgnn.reconstruction.pipeline import reconstruct
+
+def hwm_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+budget_mib = int(sys.argv[1])
+rng = np.random.default_rng(0)
+gallery = rng.standard_normal((3000, 6, 64)).astype(np.float32)
+target = rng.standard_normal((256, 6, 64)).astype(np.float32)
+index = np.full((256, 2999), -1)
+index[:, :300] = rng.integers(0, 3000, (256, 300))  # 300 valid of K = 2,999
+model = ORGNN(64, 64, num_parts=6).eval()
+torch.set_num_threads(1)
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+before = hwm_mib()
+with working_memory(f"{budget_mib}MiB"):
+    out = reconstruct(model, target, gallery, index, node_weight=np.ones((256, 3000), np.float32))
+assert np.isfinite(out).all()
+print(hwm_mib() - before)
+"""
+
+
+def test_large_k_reconstruction_peak_rss_follows_the_budget():
+    """The resident-set growth of a K = 2,999 reconstruction (300 valid neighbours each)
+    stays within a few budgets: the batches are sized from bytes at the width they hold.
+    Unbatched, the 256 graphs would take 256 x graph_bytes(301) = 2.9 GiB (at K + 1 nodes,
+    256 x 1.6 GB)."""
+    from orgnn.reconstruction.graphs import graph_bytes
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set peak")
+    assert 256 * graph_bytes(301, 6, 64) > 2.5 * 2 ** 30
+    budget = 64
+    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(budget)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    growth = float(run.stdout.split()[-1])
+    if growth <= 0:
+        pytest.skip("this kernel does not reset the resident-set peak (clear_refs 5)")
+    # the budget, the (256, 3000) weights, one batch's gathered copies and allocator slack
+    assert growth < 3 * budget + 96, growth

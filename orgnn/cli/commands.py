@@ -377,14 +377,6 @@ def warn_if_mostly_empty(num_empty: int, total: int, source: str, args: argparse
            "lower --theta")
 
 
-def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None) -> int:
-    """Graphs per reconstruction batch within the memory budget
-    (:func:`orgnn.reconstruction.graphs.graph_batch_size`)."""
-    from orgnn.reconstruction.graphs import graph_batch_size as by_bytes
-
-    return by_bytes(k, num_parts, dim, hidden)
-
-
 def _byte_size(text: str) -> int:
     from orgnn.io.storage import parse_bytes
 
@@ -413,8 +405,6 @@ def _run(splits, args: argparse.Namespace, title: str, where: str = "") -> int:
     check_scored(counts)
     config = _configs(args)
     config.search.device = None if group.device is None else str(group.device)
-    query = splits["query"]
-    config.batch_size = graph_batch_size(config.search.k, query.num_parts, query.dim)
     result = run_ablation(splits, config, rows=rows, progress=not args.quiet and
                           distributed.is_main())
     distributed.finish()
@@ -547,8 +537,6 @@ def _reconstruct_within_budget(args: argparse.Namespace, group) -> int:
     cfg = pipeline.resolve_search(SearchConfig(
         k=args.k, theta=args.theta, mode=args.mode, index=args.index,
         device=None if group.device is None else str(group.device)), model)
-    batch = graph_batch_size(cfg.k, gallery.num_parts, gallery.dim,
-                             getattr(model, "hidden_channels", None))
     index_cache: dict = {}  # the gallery's faiss index, built once for every search
     nbrs, weights = {}, {"query": None, "gallery": None}
     with clock("search"):
@@ -581,8 +569,8 @@ def _reconstruct_within_budget(args: argparse.Namespace, group) -> int:
                                 model.hidden_channels), target.features.dtype)
             with clock(f"reconstruct_{name}"):
                 feats = pipeline.reconstruct(
-                    model, target.features, gallery.features, nbrs[name], batch,
-                    group.device or "cpu", progress=not args.quiet and main,
+                    model, target.features, gallery.features, nbrs[name],
+                    device=group.device or "cpu", progress=not args.quiet and main,
                     target_visibility=target.visibility, node_weight=weights[name],
                     out=dest)
             weights[name] = None

@@ -3,8 +3,9 @@ r"""The OR-GNN update (Eq. 4-6) as plain tensor functions, shared by every layer
 Two renderings of one rule:
 
 * the **dense** one works on padded batches ``(..., N, F)`` and touches the features only
-  through matrix products: the Gram matrix :math:`G = XX^\top` gives every norm and every
-  neighbour-sum dot product of Eq. 4, and :math:`P = (X \circ V) X^\top` gives Eq. 6 through
+  through matrix products: :math:`X\mathbf{T}` (:math:`\mathbf{T}` the sum of the valid
+  nodes) gives every neighbour-sum dot product of Eq. 4, and :math:`P = (X \circ V) X^\top`
+  gives Eq. 6 through
 
   .. math::
       V \cdot \big((\mathbf{x}_i - \mathbf{x}_j) \circ (\mathbf{x}_i - \mathbf{x}_j)\big)
@@ -65,10 +66,9 @@ def dense_confidence(sq_norm: Tensor, dot_total: Tensor, valid: Tensor) -> Tenso
     \sum_l \mathbf{x}_l` over the valid nodes, :math:`\langle \mathbf{x}_j, \mathbf{T} -
     \mathbf{x}_j\rangle = \langle \mathbf{x}_j, \mathbf{T}\rangle - |\mathbf{x}_j|^2` and
     :math:`|\mathbf{T} - \mathbf{x}_j|^2 = |\mathbf{T}|^2 - 2\langle \mathbf{x}_j,
-    \mathbf{T}\rangle + |\mathbf{x}_j|^2`: two numbers per node, both read off the Gram
-    matrix :math:`G = XX^\top` (:math:`|\mathbf{x}_j|^2 = G_{jj}`, :math:`\langle
-    \mathbf{x}_j, \mathbf{T}\rangle = (G\,\mathrm{valid})_j`). A node with no other valid
-    node gets :math:`c_j = 1`.
+    \mathbf{T}\rangle + |\mathbf{x}_j|^2`: two numbers per node, :math:`O(NF)` for a
+    graph (:math:`X\mathbf{T}` and the row norms; no :math:`N \times N` Gram matrix). A node
+    with no other valid node gets :math:`c_j = 1`.
 
     Args:
         sq_norm: ``(..., N)`` squared norms :math:`|\mathbf{x}_j|^2`.
@@ -106,10 +106,12 @@ def dense_orgnn_aggregate(
     A zero denominator falls back to the plain mean over the neighbours; a node without any
     neighbour aggregates to zero.
 
-    The features are touched by three batched matrix products and one elementwise pass
-    (:math:`X \circ V`): :math:`P = (X \circ V) X^\top` for Eq. 6, :math:`G = XX^\top` for
-    Eq. 4 and :math:`\alpha X` for Eq. 5; everything else works on ``(..., R, N)`` weights
-    (about ten passes over them, each ``F / N`` times smaller than one over the features).
+    The features are touched by two batched :math:`N \times N` matrix products and one
+    elementwise pass (:math:`X \circ V`): :math:`P = (X \circ V) X^\top` for Eq. 6 and
+    :math:`\alpha X` for Eq. 5; Eq. 4 needs only :math:`|\mathbf{x}_j|^2` and
+    :math:`\langle \mathbf{x}_j, \mathbf{T}\rangle` (:math:`O(NF)`, no Gram matrix);
+    everything else works on ``(..., R, N)`` weights (about ten passes over them, each
+    ``F / N`` times smaller than one over the features).
 
     Args:
         x: ``(..., N, F)`` node features.
@@ -154,9 +156,10 @@ def dense_orgnn_aggregate(
     log_a = torch.nn.functional.logsigmoid(logits).masked_fill(edge == 0, float("-inf"))
     affinity = _exp_shifted(log_a, log_a.detach().amax(-1, keepdim=True))
     if outlier_aware:
-        gram = x @ x_t                                             # (..., N, N)
-        sq_norm = gram.diagonal(dim1=-2, dim2=-1)                  # |x_j|^2
-        dot_total = (gram @ valid.unsqueeze(-1)).squeeze(-1)       # <x_j, T>
+        # Eq. 4 needs two numbers per node, O(NF): no Gram matrix.
+        sq_norm = torch.einsum("...nf,...nf->...n", x, x)          # |x_j|^2
+        total = (valid.unsqueeze(-2) @ x).transpose(-1, -2)        # T = sum_l x_l  (..., F, 1)
+        dot_total = (x @ total).squeeze(-1)                       # <x_j, T>
         weight = affinity * dense_confidence(sq_norm, dot_total, valid).unsqueeze(-2)
     else:
         weight = affinity

@@ -25,8 +25,9 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from tqdm.auto import tqdm
 
+from orgnn import distributed
 from orgnn.io.features import VISIBLE_THRESHOLD
-from orgnn.io.storage import rows_for, take_rows
+from orgnn.io.storage import memory_budget, release_rows, rows_for, take_rows
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -116,17 +117,76 @@ def pyg_neighbourhood_batch(x: Tensor, mask: Tensor) -> Batch:
 
 
 
+def row_widths(index: np.ndarray) -> np.ndarray:
+    """``(B,)`` columns each row of ``index`` ``(B, K)`` needs: the position of its last
+    valid (``>= 0``) entry + 1 (its valid count, as valid entries come first), 0 if none."""
+    valid = np.asarray(index) >= 0
+    return np.where(valid.any(axis=1), valid.shape[1] - np.argmax(valid[:, ::-1], axis=1), 0)
+
+
+def used_width(index: np.ndarray) -> int:
+    """Columns of ``index`` ``(B, K)`` up to the last valid (``>= 0``) entry of any row:
+    the rest is padding in every row."""
+    return int(row_widths(index).max(initial=0))
+
+
+def graph_bytes(width: int, num_parts: int, dim: int, hidden: int | None = None) -> int:
+    r"""Bytes one dense graph of ``width`` nodes takes while the OR-GNN runs on it: about
+    eight float32 copies of its :math:`(M, N, F)` features and fourteen of its
+    :math:`(M, N, N)` affinities, logits and masks
+    (:func:`orgnn.nn.functional.dense_orgnn_aggregate` forms those, never an
+    :math:`N \times N \times F` tensor)."""
+    f = max(dim, hidden or dim)
+    return num_parts * width * (32 * f + 56 * width)
+
+
 def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None,
                      budget: int | None = None, at_most: int = 2048) -> int:
-    r"""Graphs per dense batch so that one batch's tensors stay within ``budget`` bytes
-    (default :func:`orgnn.io.storage.memory_budget`): per graph of :math:`N = K + 1` nodes about
-    eight float32 copies of its :math:`(M, N, F)` features and fourteen of its
-    :math:`(M, N, N)` affinities, logits, Gram matrix and masks
-    (:func:`orgnn.nn.functional.dense_orgnn_aggregate` forms those, never an
-    :math:`N \times N \times F` tensor). At least 1, at most ``at_most``: one graph of
-    :math:`K` = 2,327 (cuhk03-parts' whole gallery) takes about 1.8 GB whatever the budget."""
-    n, f = k + 1, max(dim, hidden or dim)
-    return rows_for(num_parts * n * (32 * f + 56 * n), budget, at_most)
+    r"""Graphs per dense batch of :math:`N = K + 1` nodes so that one batch stays within
+    ``budget`` bytes (default :func:`orgnn.io.storage.memory_budget`), by
+    :func:`graph_bytes`. At least 1, at most ``at_most``. :func:`plan_graph_batches` sizes
+    each batch by the nodes its graphs really hold instead (a threshold ``theta`` leaves most
+    of a large ``K`` padding)."""
+    return rows_for(graph_bytes(k + 1, num_parts, dim, hidden), budget, at_most)
+
+
+def plan_graph_batches(counts: np.ndarray, num_parts: int, dim: int,
+                       hidden: int | None = None, budget: int | None = None,
+                       at_most: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    r"""Cut a split's graphs, in order, into contiguous batches sized in bytes.
+
+    A batch of graphs is padded to :math:`N_b = 1 + \max_{t \in b} n_t` nodes (``n_t`` the
+    valid neighbours of target ``t``; valid neighbours come first in every row), so each
+    batch grows while ``rows x graph_bytes(N_b)`` fits ``budget`` (default
+    :func:`orgnn.io.storage.memory_budget`), up to ``at_most`` graphs, and to at most
+    :math:`\max(32, \lceil n / 16 \rceil)` graphs so that a split has enough batches to
+    share among ``torchrun`` ranks. The plan depends only on ``counts`` and the budget: one
+    process and every rank cut the same batches.
+
+    Args:
+        counts: ``(n,)`` columns each target's graph needs (its valid neighbours, or the
+            position of its last valid one + 1 where padding sits between them).
+        num_parts, dim, hidden: the graphs' parts, feature and hidden sizes.
+
+    Returns:
+        ``(bounds, widths)``: ``(B + 1,)`` batch boundaries (``bounds[0] = 0``,
+        ``bounds[-1] = n``) and ``(B,)`` node counts :math:`N_b` of the batches.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n = counts.size
+    budget = budget or memory_budget()
+    cap = distributed.block_rows(n, at_most)
+    bounds, widths = [0], []
+    start = 0
+    while start < n:
+        width = 1 + np.maximum.accumulate(np.maximum(counts[start:start + cap], 1))
+        rows = np.arange(1, width.size + 1)
+        fits = np.flatnonzero(rows * graph_bytes(width, num_parts, dim, hidden) <= budget)
+        take = int(fits[-1]) + 1 if fits.size else 1   # one graph always runs
+        start += take
+        bounds.append(start)
+        widths.append(int(width[take - 1]))
+    return np.asarray(bounds, dtype=np.int64), np.asarray(widths, dtype=np.int64)
 
 
 def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np.ndarray,
@@ -135,9 +195,13 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
                       target_visible: np.ndarray | None = None, desc: str | None = None,
                       progress: bool = False,
                       node_weight: np.ndarray | None = None,
-                      out: np.ndarray | None = None) -> np.ndarray:
+                      out: np.ndarray | None = None,
+                      bounds: np.ndarray | None = None) -> np.ndarray:
     """``fn(x, mask[, target_visible=...])`` over the dense neighbourhood batches of every
-    ``target`` image, ``batch_size`` graphs at a time; the outputs concatenated as float32.
+    ``target`` image, ``batch_size`` graphs at a time (or the batches ``bounds`` cut, see
+    :func:`plan_graph_batches`); the outputs concatenated as float32. Each batch is padded
+    to its own widest neighbourhood (valid neighbours come first in ``index``), not to
+    ``K``.
 
     Args:
         fn: maps a batch ``(B, M, 1 + K, D)`` and its mask ``(B, 1 + K)`` to ``(B, M, F)``.
@@ -150,14 +214,22 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
         out: ``(N, M, F)`` array (a writable memory map, say) that receives each batch's
             output as it is computed, cast to its dtype; it is returned instead of a new
             float32 array.
+        bounds: ``(B + 1,)`` batch boundaries from 0 to ``N``; overrides ``batch_size``.
     """
     if out is not None and out.shape[0] != target.shape[0]:
         raise ValueError(f"out has {out.shape[0]} rows for {target.shape[0]} targets")
+    n = target.shape[0]
+    if bounds is None:
+        bounds = np.append(np.arange(0, n, batch_size), n) if n else np.zeros(1, np.int64)
+    elif len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != n or np.any(np.diff(bounds) < 0):
+        raise ValueError(f"bounds must rise from 0 to {n}, got {np.asarray(bounds)[:8]}...")
     chunks = []
-    starts = range(0, target.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch", leave=False):
-        sl = slice(start, start + batch_size)
-        x, mask = dense_neighbourhood_batch(target[sl], gallery, index[sl], device)
+    for start, stop in tqdm(zip(bounds[:-1], bounds[1:]), total=len(bounds) - 1, desc=desc,
+                            disable=not progress, unit="batch", leave=False):
+        sl = slice(int(start), int(stop))
+        rows_index = np.asarray(index[sl])
+        width = used_width(rows_index)
+        x, mask = dense_neighbourhood_batch(target[sl], gallery, rows_index[:, :width], device)
         extra = {} if target_visible is None else {
             "target_visible": torch.as_tensor(
                 np.asarray(target_visible[sl]) >= VISIBLE_THRESHOLD, device=x.device)}
@@ -166,10 +238,14 @@ def map_dense_batches(fn: Callable[..., Tensor], target: np.ndarray, gallery: np
                                      device=x.device)
             extra["node_weight"] = weight[..., :x.size(2)]     # an empty row grew to width 1
         result = fn(x, mask, **extra).float().cpu().numpy()
+        # a mapped target (the gallery reconstructing itself) or output keeps no pages
+        # of finished batches in the resident set
+        release_rows(target, sl.start, sl.stop)
         if out is None:
             chunks.append(result)
         else:
             out[sl] = result
+            release_rows(out, sl.start, sl.stop)
     if out is not None:
         return out
     return np.concatenate(chunks) if chunks else np.empty((0,) + target.shape[1:], np.float32)

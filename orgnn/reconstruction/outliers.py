@@ -46,8 +46,9 @@ import torch.nn.functional as F
 
 from orgnn import distributed
 from orgnn.io.features import PartFeatures
-from orgnn.io.storage import iter_rows, memory_budget, rows_for, take_rows
+from orgnn.io.storage import iter_rows, memory_budget, release_rows, rows_for, take_rows
 from orgnn.nn.neighbour_scorer import CONTEXT_FEATURES, EDGE_FEATURES, NeighbourScorer
+from orgnn.reconstruction.graphs import used_width
 from orgnn.retrieval.search import Neighbourhoods, kth_part_similarity, resolve_index
 from orgnn.retrieval.search import _normalise as _unit  # L2 per part; zero vectors stay zero
 
@@ -184,7 +185,8 @@ def feature_rows(k: int, kg: int, num_parts: int, dim: int, budget: int | None =
 
 def edge_features(target: np.ndarray, gallery: np.ndarray, gallery_visible: np.ndarray,
                   nbrs: Neighbourhoods, kth: np.ndarray,
-                  target_visible: np.ndarray | None = None) -> np.ndarray:
+                  target_visible: np.ndarray | None = None,
+                  list_width: int | None = None) -> np.ndarray:
     """``(Q, K, len(EDGE_FEATURES))`` float32 features of every (target, neighbour) pair.
 
     Memory: a few float32 copies of the ``(Q, K, M, D)`` neighbours; the ``(Q, K, K)``
@@ -201,6 +203,8 @@ def edge_features(target: np.ndarray, gallery: np.ndarray, gallery_visible: np.n
         kth: ``(G, M)`` from :func:`kth_neighbour_similarity` on ``gallery``.
         target_visible: ``(Q, M)`` bool; parts outside it count as hidden (default: the
             searching parts).
+        list_width: the ``K`` of the search, which the ``rank`` feature divides by, when
+            ``nbrs`` holds only its first columns (trimmed padding); default ``K`` itself.
     """
     index = nbrs.index
     valid = index >= 0
@@ -224,8 +228,8 @@ def edge_features(target: np.ndarray, gallery: np.ndarray, gallery_visible: np.n
     mean_score = (score * vm).sum(1, keepdims=True) / np.maximum(count, 1)
     density, closer = _pair_statistics(nbr, weights, vm, score)
     kth_j = (np.asarray(kth, np.float32)[idx] * weights[:, None]).sum(-1)
-    rank = np.broadcast_to(np.arange(index.shape[1], dtype=np.float32) / index.shape[1],
-                           score.shape)
+    rank = np.broadcast_to(np.arange(index.shape[1], dtype=np.float32)
+                           / (list_width or index.shape[1]), score.shape)
     searched = np.broadcast_to(parts.sum(1, keepdims=True) / parts.shape[1], score.shape)
     columns = [score_mutual, mutual.mean(-1), score, score - score[:, :1], score - mean_score,
                worst, hidden_cos, density, score - density, closer / np.maximum(count, 1),
@@ -388,16 +392,22 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _rows(nbrs: Neighbourhoods, sl: slice) -> Neighbourhoods:
-    return Neighbourhoods(nbrs.index[sl], nbrs.score[sl], nbrs.search_parts[sl])
+def _rows(nbrs: Neighbourhoods, sl: slice, width: int | None = None) -> Neighbourhoods:
+    cols = slice(0, width)
+    return Neighbourhoods(nbrs.index[sl, cols], nbrs.score[sl, cols], nbrs.search_parts[sl])
 
 
 def _chunk_size(chunk_size: int | None, nbrs: Neighbourhoods, gallery_nbrs: Neighbourhoods,
                 gallery: np.ndarray) -> int:
+    """Targets per feature chunk: ``chunk_size``, or what fits the memory budget cut to
+    :func:`orgnn.distributed.block_rows` (enough chunks for ``torchrun`` ranks, which take
+    whole chunks, to get even shares of a split)."""
     if chunk_size is not None:
         return chunk_size
-    return feature_rows(nbrs.index.shape[1], gallery_nbrs.index.shape[1], gallery.shape[1],
-                        gallery.shape[2])
+    # sized by the columns the lists really use (score_split trims each chunk's padding)
+    return distributed.block_rows(nbrs.index.shape[0], feature_rows(
+        max(1, used_width(nbrs.index)), max(1, used_width(gallery_nbrs.index)),
+        gallery.shape[1], gallery.shape[2]))
 
 
 def _base_features(target: PartFeatures, gallery: PartFeatures, nbrs: Neighbourhoods,
@@ -459,12 +469,13 @@ def score_split(scorer: NeighbourScorer, gallery: PartFeatures,
     keep = sum(n.index.size for _, n in sides) * 4 * len(EDGE_FEATURES) <= memory_budget() / 4
     bases: dict[tuple[int, int], np.ndarray] = {}
 
-    def base(i: int, sl: slice) -> np.ndarray:
+    def base(i: int, sl: slice, chunk: Neighbourhoods) -> np.ndarray:
         target, nbrs = sides[i]
         found = bases.get((i, sl.start))
         if found is None:
             found = edge_features(target.features[sl], gallery.features, gallery.visible,
-                                  _rows(nbrs, sl), kth_sims, target.visible[sl])
+                                  chunk, kth_sims, target.visible[sl],
+                                  list_width=nbrs.index.shape[1])
             if keep:
                 bases[(i, sl.start)] = found
         return found
@@ -476,15 +487,20 @@ def score_split(scorer: NeighbourScorer, gallery: PartFeatures,
             out = np.zeros((rows.stop - rows.start, nbrs.index.shape[1]), np.float32)
             for start in range(rows.start, rows.stop, sizes[i]):
                 sl = slice(start, min(start + sizes[i], rows.stop))
-                feats = base(i, sl)
+                # the chunk's lists up to their last valid entry: under a threshold, a
+                # large K is mostly padding, which every feature ignores
+                width = max(1, used_width(nbrs.index[sl]))
+                chunk = _rows(nbrs, sl, width)
+                feats = base(i, sl, chunk)
                 if stage:
                     ctx = context_features(target.features[sl], target.visible[sl],
-                                           gallery.features, _rows(nbrs, sl),
-                                           previous[i][sl], gallery_nbrs, previous[0],
-                                           scorer.gamma, scorer.self_weight)
+                                           gallery.features, chunk,
+                                           previous[i][sl, :width], gallery_nbrs,
+                                           previous[0], scorer.gamma, scorer.self_weight)
                     feats = np.concatenate([feats, ctx], -1)
-                out[sl.start - rows.start:sl.stop - rows.start] = scorer.probability(stage,
-                                                                                   feats)
+                out[sl.start - rows.start:sl.stop - rows.start, :width] = \
+                    scorer.probability(stage, feats)
+                release_rows(target.features, sl.start, sl.stop)  # a mapped gallery's pages
             return out
         return distributed.map_rows(run, target.num_images, sizes[i])
 

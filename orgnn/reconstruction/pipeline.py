@@ -24,7 +24,7 @@ from orgnn import distributed
 from orgnn.io.features import PartFeatures
 from orgnn.nn import ORGNN
 from orgnn.reconstruction.calibration import calibrate_theta
-from orgnn.reconstruction.graphs import map_dense_batches
+from orgnn.reconstruction.graphs import map_dense_batches, plan_graph_batches, row_widths
 from orgnn.reconstruction.outliers import prior_weights, score_split
 from orgnn.reconstruction.training import SearchConfig, TrainConfig, train_orgnn_once
 from orgnn.retrieval import metrics, rerank
@@ -107,9 +107,12 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
                 device: str | torch.device = "cpu", progress: bool = False,
                 target_visibility: np.ndarray | None = None,
                 node_weight: np.ndarray | None = None,
-                out: np.ndarray | None = None) -> np.ndarray:
+                out: np.ndarray | None = None, budget: int | None = None) -> np.ndarray:
     """Reconstruct ``target`` ``(N, M, D)`` from its neighbours in ``gallery`` with the
-    OR-GNN, streaming ``batch_size`` graphs at a time. Returns ``(N, M, F)`` float32.
+    OR-GNN, streaming at most ``batch_size`` graphs at a time, each batch padded to its
+    widest neighbourhood and sized to ``budget`` bytes (default
+    :func:`orgnn.io.storage.memory_budget`;
+    :func:`~orgnn.reconstruction.graphs.plan_graph_batches`). Returns ``(N, M, F)`` float32.
     ``target_visibility`` ``(N, M)`` is needed by models with ``target_init="visible"``;
     ``node_weight`` ``(N, 1 + K)`` by models with a learned scorer (:func:`outlier_weights`
     computes it; :func:`reconstruct_split` does all of it). ``out``: an ``(N, M, F)`` array
@@ -127,12 +130,22 @@ def reconstruct(model: ORGNN, target: np.ndarray, gallery: np.ndarray,
     elif target_visibility is None:
         raise ValueError("this OR-GNN starts its targets from their visible parts "
                          "(target_init='visible'): pass target_visibility")
-    # Under torchrun each rank runs whole batches of the single-process grid (same bits).
-    result = distributed.map_rows(lambda rows: map_dense_batches(
-        model, target[rows], gallery, index[rows], batch_size, device,
-        None if target_visibility is None else target_visibility[rows], "reconstruct",
-        progress, None if node_weight is None else node_weight[rows],
-        None if out is None else out[rows]), target.shape[0], batch_size, to="main")
+    # Batches sized in bytes at the nodes each really holds (a large K is mostly padding
+    # under theta); under torchrun each rank runs whole batches of the single-process plan
+    # (same bits), balanced by their cost.
+    bounds, widths = plan_graph_batches(row_widths(index), target.shape[1], target.shape[2],
+                                        model.hidden_channels, budget, batch_size)
+    costs = np.diff(bounds) * widths.astype(np.float64) ** 2
+
+    def run(rows: slice) -> np.ndarray:
+        inside = bounds[(bounds >= rows.start) & (bounds <= rows.stop)] - rows.start
+        return map_dense_batches(
+            model, target[rows], gallery, index[rows], batch_size, device,
+            None if target_visibility is None else target_visibility[rows], "reconstruct",
+            progress, None if node_weight is None else node_weight[rows],
+            None if out is None else out[rows], bounds=inside)
+
+    result = distributed.map_rows(run, target.shape[0], to="main", bounds=bounds, costs=costs)
     if out is None or result is None:
         return result
     if distributed.world_size() > 1:  # each rank wrote its share; copy in the gathered rows
