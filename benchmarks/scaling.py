@@ -218,7 +218,8 @@ def run_size(size: int, args: argparse.Namespace) -> dict[str, Any]:
             nbrs = search_neighbourhoods(query, visible, gallery, nprobe=nprobe, **pq)
         row["ivfpq_empty"] = nbrs.num_empty
         import faiss
-        ivf = [faiss.extract_index_ivf(idx) for idx in cache.values()]
+        ivf = [faiss.extract_index_ivf(idx) for idx in cache.values()
+               if isinstance(idx, faiss.Index)]
         # codes + 8-byte ids in the inverted lists, plus the centroids
         row["ivfpq_index_mib"] = sum(i.ntotal * (i.code_size + 8) + i.nlist * i.d * 4
                                      for i in ivf) / _common.MiB
@@ -672,7 +673,7 @@ def search_recall_row(size: int, args: argparse.Namespace) -> dict[str, Any]:
     with stage("index_build"):
         search_neighbourhoods(query[:1], q_vis[:1], gallery, **kw)
     import faiss
-    ivf = faiss.extract_index_ivf(next(iter(cache.values())))
+    ivf = faiss.extract_index_ivf(next(v for v in cache.values() if isinstance(v, faiss.Index)))
     row["index_mib"] = (ivf.ntotal * (ivf.code_size + 8) + ivf.nlist * ivf.d * 4) / _common.MiB
     # each search --repeats times (the machine is shared): the least CPU time counts
     cpu: dict[str, list[float]] = {"gallery_search": [], "query_search": []}

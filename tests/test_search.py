@@ -384,3 +384,31 @@ def test_empty_inputs():
     g = np.ones((5, M, D), dtype=np.float32)
     res = search_neighbourhoods(q, np.zeros((0, M), dtype=bool), g, k=3)
     assert res.index.shape == (0, 3) and res.num_empty == 0
+
+
+def test_a_shared_index_cache_scans_the_gallery_for_nan_once(monkeypatch):
+    """Calls that share an ``index_cache`` share the gallery's O(G) finiteness scan, as they
+    share its index; without a cache every call scans, and a NaN is still refused."""
+    import orgnn.retrieval.search as search_module
+
+    rng = np.random.default_rng(0)
+    gallery = rng.random((300, 3, 8)).astype(np.float32)
+    query = rng.random((5, 3, 8)).astype(np.float32)
+    vis = np.ones((5, 3), bool)
+    scans = []
+    isfinite = np.isfinite
+    monkeypatch.setattr(search_module.np, "isfinite",
+                        lambda a: scans.append(a.shape[0]) or isfinite(a))
+    cache: dict = {}
+    for _ in range(3):
+        search_module.search_neighbourhoods(query, vis, gallery, k=4, theta=-1.0,
+                                            index_cache=cache)
+    search_module.kth_part_similarity(query, gallery, 3, index_cache=cache)
+    assert scans.count(300) == 1
+    search_module.search_neighbourhoods(query, vis, gallery, k=4, theta=-1.0)
+    assert scans.count(300) == 2
+    bad = gallery.copy()
+    bad[7, 1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        search_module.search_neighbourhoods(query, vis, bad, k=4, theta=-1.0,
+                                            index_cache=cache)

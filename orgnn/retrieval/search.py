@@ -294,7 +294,8 @@ def search_neighbourhoods(
     Returns:
         :class:`Neighbourhoods` with ``(Q, k)`` index and score arrays.
     """
-    query, gallery = _check_features(query, "query"), _check_features(gallery, "gallery")
+    query = _check_features(query, "query")
+    gallery = _check_features(gallery, "gallery", index_cache)
     nq, m, d = query.shape
     ng = gallery.shape[0]
     if gallery.shape[1:] != (m, d):
@@ -438,7 +439,8 @@ def kth_part_similarity(query: np.ndarray, gallery: np.ndarray, k: int, *,
             :func:`search_neighbourhoods`.
         pool: candidates per ``k``.
     """
-    query, gallery = _check_features(query, "query"), _check_features(gallery, "gallery")
+    query = _check_features(query, "query")
+    gallery = _check_features(gallery, "gallery", index_cache)
     nq, m, _ = query.shape
     ng = gallery.shape[0]
     if not _is_int(k) or k < 1 or not _is_int(pool) or pool < 1:
@@ -876,9 +878,12 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
     return dev
 
 
-def _check_features(x: np.ndarray, name: str) -> np.ndarray:
+def _check_features(x: np.ndarray, name: str, cache: dict | None = None) -> np.ndarray:
     """Shape and dtype checks, and a finiteness check in row chunks (a memory map is read
-    once, never copied whole)."""
+    once, never copied whole). With ``cache`` (a search's ``index_cache``) a gallery is
+    scanned for NaN once across the calls that share it, as its indexes are built once:
+    the scan is :math:`O(G)`, and a call searching a few items of a large gallery would
+    otherwise pay it again."""
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     if x.ndim != 3:
@@ -887,12 +892,17 @@ def _check_features(x: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be float32 or float16, got dtype {x.dtype}")
     if x.shape[1] < 1 or x.shape[2] < 1:
         raise ValueError(f"{name} needs at least one part and one dimension, got {x.shape}")
+    key = ("finite", id(x), x.shape, x.dtype.str)
+    if cache is not None and cache.get(key):
+        return x
     rows = chunk_rows(x)
     for start in range(0, x.shape[0], rows):
         ok = np.isfinite(x[start:start + rows]).all()
         release_rows(x, start, start + rows)
         if not ok:
             raise ValueError(f"{name} contains NaN or infinite values")
+    if cache is not None:
+        cache[key] = True
     return x
 
 
