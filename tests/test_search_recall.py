@@ -3,6 +3,7 @@ exact search and against the same index searched without the scaling; results th
 on each query alone."""
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -52,7 +53,7 @@ def recall(exact: np.ndarray, got: np.ndarray) -> float:
 def unscaled(cache: dict, query, parts, gallery, nprobe: int, per: int, exclude):
     """The same cached index searched as before the scaling: ``nprobe`` lists and ``per``
     candidates for every query, re-ranked by the exact mean cosine, top K."""
-    (idx,) = cache.values()
+    (idx,) = [v for v in cache.values() if isinstance(v, faiss.Index)]
     _set_nprobe(idx, nprobe)
     cand = idx.search(_query_vectors(query, parts, None), per)[1]
     score = np.take_along_axis(exact_mean_cosine(query, parts, gallery), np.clip(cand, 0, None),
