@@ -18,9 +18,12 @@ memory-mapped file is one copy in the page cache, whatever the number of ranks).
 process.
 
 **Same files with one process or many, at the same thread count per process.** Shares
-are whole *blocks* of a fixed size (the reconstruction batch, the scorer's feature chunk),
-cut from the start of the split: rank ``r`` of ``W`` takes blocks
-``[r B / W, (r + 1) B / W)`` of ``B``. Each rank therefore runs exactly the batches a
+are whole *blocks* of the single-process grid (the scorer's feature chunks, of a fixed
+size; the OR-GNN's batches, cut by :func:`orgnn.reconstruction.graphs.plan_graph_batches`),
+at least :data:`SHARE_BLOCKS` per split (:func:`block_rows`), whatever the number of ranks:
+rank ``r`` of ``W`` takes blocks ``[r B / W, (r + 1) B / W)`` of ``B`` (:func:`shard`), or
+the run whose cost midpoints fall in its ``W``-th of the total (:func:`shard_blocks`). Each
+rank therefore runs exactly the batches a
 single process would run, with the same shapes, and the gathered arrays are bit-for-bit
 the single-process arrays (the OR-GNN's float32 kernels give a row the same bits in a
 batch of the same shape, but not always in a batch of another size: measured in

@@ -35,7 +35,8 @@ class DenseORGNNConv(torch.nn.Module):
     and the confidences from matrix products too, so no :math:`B \times N \times N \times F`
     tensor is formed. Without ``adj`` (complete graphs, the OR-GNN neighbourhoods) the
     closed neighbourhood is the whole graph and Eq. 4 reduces to the paper's per-node
-    :math:`c_j`, read off the Gram matrix (:func:`~orgnn.nn.functional.dense_orgnn_aggregate`);
+    :math:`c_j`, from each node's norm and its dot product with the nodes' sum
+    (:func:`~orgnn.nn.functional.dense_orgnn_aggregate`);
     with ``adj`` it is computed per edge
     (:func:`~orgnn.nn.functional.dense_adj_orgnn_aggregate`, two more products).
     Parameter names equal :class:`ORGNNConv`'s, so either layer's ``state_dict`` loads into
