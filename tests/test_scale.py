@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from orgnn.io.storage import memory_budget, parse_bytes, rows_for, working_memory
-from orgnn.reconstruction.graphs import graph_batch_size
+from orgnn.reconstruction.graphs import graph_bytes
 from orgnn.retrieval.search import search_neighbourhoods
 
 
@@ -31,13 +31,15 @@ def test_byte_sizes_and_the_budget():
 
 
 def test_graph_batches_shrink_with_k_and_count_the_affinities():
-    # per graph: M (K + 1) (32 F + 56 (K + 1)) bytes
-    assert graph_batch_size(30, 6, 256, budget=1 << 30) == (1 << 30) // (
-        6 * 31 * (32 * 256 + 56 * 31))
-    assert graph_batch_size(1, 1, 4, budget=1 << 30) == 2048
-    assert graph_batch_size(2326, 6, 256, budget=4 << 30) == (4 << 30) // (
+    # per graph: M (K + 1) (32 F + 56 (K + 1)) bytes; graphs per batch within a budget
+    def per_batch(k, m, f, budget):
+        return rows_for(graph_bytes(k + 1, m, f), budget, at_most=2048)
+
+    assert per_batch(30, 6, 256, 1 << 30) == (1 << 30) // (6 * 31 * (32 * 256 + 56 * 31))
+    assert per_batch(1, 1, 4, 1 << 30) == 2048
+    assert per_batch(2326, 6, 256, 4 << 30) == (4 << 30) // (
         6 * 2327 * (32 * 256 + 56 * 2327))
-    assert graph_batch_size(10 ** 6, 6, 256, budget=1 << 30) == 1
+    assert per_batch(10 ** 6, 6, 256, 1 << 30) == 1
 
 
 def test_search_in_budget_sized_blocks_is_the_same_search():
@@ -90,7 +92,7 @@ def test_scratch_folders_of_a_killed_run_are_removed(tmp_path):
 
 def test_graph_batches_are_cut_by_the_nodes_they_hold():
     """By hand, one part of one feature: a graph of N nodes takes N (32 + 56 N) bytes."""
-    from orgnn.reconstruction.graphs import graph_bytes, plan_graph_batches, row_widths
+    from orgnn.reconstruction.graphs import plan_graph_batches, row_widths
 
     assert graph_bytes(4, 1, 1) == 4 * (32 + 56 * 4) == 1024
     # counts 3, 0, 5, 1 -> nodes 4, 2, 6, 2; budget 2048: [4, 2] pads to 4 (2 x 1024),
@@ -151,6 +153,35 @@ def test_large_k_reconstruction_is_the_full_width_model_and_stays_in_budget():
     np.testing.assert_allclose(got, want.numpy(), atol=2e-5)
 
 
+# Run by the resident-set tests after their own script's imports: the high-water mark (VmHWM)
+# reset and read, in MiB.
+_RSS_PRELUDE = r"""
+def hwm_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return hwm_mib()
+"""
+
+
+def _resident_growth_mib(script: str, *args: str) -> float:
+    """Run ``script`` (which prints its resident-set growth last) in a fresh interpreter;
+    skip where Linux cannot reset the resident-set peak."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set peak")
+    run = subprocess.run([sys.executable, "-c", _RSS_PRELUDE + script, *args],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    growth = float(run.stdout.split()[-1])
+    if growth <= 0:
+        pytest.skip("this kernel does not reset the resident-set peak (clear_refs 5)")
+    return growth
+
+
 _PEAK_SCRIPT = r"""
 import sys
 import numpy as np
@@ -159,10 +190,6 @@ from orgnn.io.storage import working_memory
 from orgnn.nn import ORGNN
 from orgnn.reconstruction.pipeline import reconstruct
 
-def hwm_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
 
 budget_mib = int(sys.argv[1])
 rng = np.random.default_rng(0)
@@ -172,9 +199,7 @@ index = np.full((256, 2999), -1)
 index[:, :300] = rng.integers(0, 3000, (256, 300))  # 300 valid of K = 2,999
 model = ORGNN(64, 64, num_parts=6).eval()
 torch.set_num_threads(1)
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")
-before = hwm_mib()
+before = reset_peak()
 with working_memory(f"{budget_mib}MiB"):
     out = reconstruct(model, target, gallery, index, node_weight=np.ones((256, 3000), np.float32))
 assert np.isfinite(out).all()
@@ -187,18 +212,9 @@ def test_large_k_reconstruction_peak_rss_follows_the_budget():
     stays within a few budgets: the batches are sized from bytes at the width they hold.
     Unbatched, the 256 graphs would take 256 x graph_bytes(301) = 2.9 GiB (at K + 1 nodes,
     256 x 1.6 GB)."""
-    from orgnn.reconstruction.graphs import graph_bytes
-
-    if not os.path.exists("/proc/self/clear_refs"):
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set peak")
     assert 256 * graph_bytes(301, 6, 64) > 2.5 * 2 ** 30
     budget = 64
-    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(budget)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    growth = float(run.stdout.split()[-1])
-    if growth <= 0:
-        pytest.skip("this kernel does not reset the resident-set peak (clear_refs 5)")
+    growth = _resident_growth_mib(_PEAK_SCRIPT, str(budget))
     # the budget, the (256, 3000) weights, one batch's gathered copies and allocator slack
     assert growth < 3 * budget + 96, growth
 
@@ -210,10 +226,6 @@ from orgnn.io.storage import open_npy, working_memory
 from orgnn.nn import ORGNN
 from orgnn.reconstruction.pipeline import reconstruct
 
-def hwm_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
 
 folder = sys.argv[1]
 n = 60_000
@@ -226,9 +238,7 @@ gallery = np.load(f"{folder}/gallery.npy", mmap_mode="r")
 out = open_npy(f"{folder}/out.npy", (n, 6, 128), np.float16)
 index = ((np.arange(n) + 1) % n)[:, None]
 model = ORGNN(128, 128, num_parts=6).eval()
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")
-before = hwm_mib()
+before = reset_peak()
 with working_memory("32MiB"):
     reconstruct(model, gallery, gallery, index, out=out)
 print(hwm_mib() - before)
@@ -240,13 +250,6 @@ def test_a_mapped_gallery_reconstructing_itself_keeps_few_pages_resident(tmp_pat
     finished batch's pages of both files are handed back, so the resident set grows by a
     fraction of the two files (measured: 48 MiB; 125 without handing pages back; for a 307 MB
     gallery 85 against 364)."""
-    if not os.path.exists("/proc/self/clear_refs"):
-        pytest.skip("needs Linux /proc/self/clear_refs to reset the resident-set peak")
-    run = subprocess.run([sys.executable, "-c", _MAPPED_SCRIPT, str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    growth = float(run.stdout.split()[-1])
-    if growth <= 0:
-        pytest.skip("this kernel does not reset the resident-set peak (clear_refs 5)")
+    growth = _resident_growth_mib(_MAPPED_SCRIPT, str(tmp_path))
     files = 2 * 60_000 * 6 * 128 * 2 / 2 ** 20                       # 176 MiB
     assert growth < 0.5 * files, growth

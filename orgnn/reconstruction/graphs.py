@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from orgnn import distributed
 from orgnn.io.features import VISIBLE_THRESHOLD
-from orgnn.io.storage import memory_budget, release_rows, rows_for, take_rows
+from orgnn.io.storage import memory_budget, release_rows, take_rows
 
 
 def _as_tensor(x: np.ndarray | Tensor, device: torch.device | str | None = None) -> Tensor:
@@ -138,16 +138,6 @@ def graph_bytes(width: int, num_parts: int, dim: int, hidden: int | None = None)
     :math:`N \times N \times F` tensor)."""
     f = max(dim, hidden or dim)
     return num_parts * width * (32 * f + 56 * width)
-
-
-def graph_batch_size(k: int, num_parts: int, dim: int, hidden: int | None = None,
-                     budget: int | None = None, at_most: int = 2048) -> int:
-    r"""Graphs per dense batch of :math:`N = K + 1` nodes so that one batch stays within
-    ``budget`` bytes (default :func:`orgnn.io.storage.memory_budget`), by
-    :func:`graph_bytes`. At least 1, at most ``at_most``. :func:`plan_graph_batches` sizes
-    each batch by the nodes its graphs really hold instead (a threshold ``theta`` leaves most
-    of a large ``K`` padding)."""
-    return rows_for(graph_bytes(k + 1, num_parts, dim, hidden), budget, at_most)
 
 
 def plan_graph_batches(counts: np.ndarray, num_parts: int, dim: int,

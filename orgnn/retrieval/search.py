@@ -353,19 +353,19 @@ def search_neighbourhoods(
     # A visible-mean query with |S| of M parts searches lists whose centroids span all M
     # parts with a |S|-part vector: it visits more of them (resolve_nprobe). The groups
     # depend on each query alone.
+    if index == "ivfpq":
+        per = k_search * (DEFAULT_REFINE if refine is None else int(refine))
+    else:
+        per = k_search + CANDIDATE_MARGIN
+    per = min(per, ng)
+    # Queries in blocks whose candidates and exact re-scoring fit the memory budget (the
+    # torch search streams the gallery once for all queries: one block).
+    width = per * (1 if mode == "visible-mean" else m)
+    step = rows_for(width * (8 * 6 + 8 * m), at_most=batch_size)
     scaled = mode == "visible-mean" and index != "flat"
     for rows, searching in _part_groups(parts) if scaled else [(np.arange(nq), m)]:
         spec = _IndexSpec(index, nlist, None if nlist is None else resolve_nprobe(
             nlist, nprobe, searching=searching, parts=m), pq_m, opq, dev, gallery_chunk)
-        if index == "ivfpq":
-            per = k_search * (DEFAULT_REFINE if refine is None else int(refine))
-        else:
-            per = k_search + CANDIDATE_MARGIN
-        per = min(per, ng)
-        # Queries in blocks whose candidates and exact re-scoring fit the memory budget
-        # (the torch search streams the gallery once for all queries: one block).
-        width = per * (1 if mode == "visible-mean" else m)
-        step = rows_for(width * (8 * 6 + 8 * m), at_most=batch_size)
         outer = rows.size if spec.kind == "flat" and dev is not None else step
         for b0 in range(0, rows.size, outer):
             blk = _rows(rows, b0, b0 + outer)
